@@ -1,0 +1,1 @@
+"""flashlm's Triton kernels, one subpackage per op. Imported as ``flashlm.kernels``."""
