@@ -500,11 +500,14 @@ class _nullctx:
         return False
 
 
-def _flash_fwd_impl(q, k, v, softmax_scale, causal):
+def _flash_fwd_impl(q, k, v, softmax_scale, causal, out=None, lse=None):
+    """Launch the forward. ``out``/``lse`` may be passed in preallocated (tests poison them)."""
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         lse.fill_(float("inf"))
         return out.zero_(), lse
@@ -527,13 +530,16 @@ def _flash_fwd_impl(q, k, v, softmax_scale, causal):
     return out, lse
 
 
-def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, softmax_scale, causal):
+def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, softmax_scale, causal, grads=None):
+    """Launch the backward. ``grads=(dq, dk, dv)`` may be passed in preallocated."""
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     dout = _unit_last(dout)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if grads is None:
+        grads = (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+                 torch.empty(k.shape, dtype=k.dtype, device=k.device),
+                 torch.empty(v.shape, dtype=v.dtype, device=v.device))
+    dq, dk, dv = grads
     if seqlen_q == 0 or seqlen_k == 0 or batch == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)

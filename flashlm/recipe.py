@@ -1,0 +1,449 @@
+"""Training recipes: typed, validated configuration for ``flashlm train``.
+
+A recipe is a YAML file with one mapping per section::
+
+    output_dir: runs/debug_cpu
+    model:    {preset: debug, attn_backend: sdpa}   # a GPTConfig preset plus field overrides
+    data:     {path: data/corpus, tokenizer: data/tokenizer, ...}   # flashlm.data.DataConfig
+    optim:    {lr: 3.0e-3, weight_decay: 0.1, grad_clip: 1.0}
+    schedule: {kind: cosine, warmup_steps: 20, min_lr_ratio: 0.1}
+    training: {steps: 300, micro_batch_size: 16, grad_accum_steps: 1, seq_len: 128, seed: 0}
+    logging:  {trackers: [tensorboard]}
+    export:   {enabled: true}
+
+``load_recipe(path, overrides)`` reads the file, applies command-line overrides
+(``--section.key=value``, or ``--key=value`` when ``key`` names one field in one section),
+and builds a ``Recipe``. Strings are coerced to each field's declared type. An unknown key,
+a value of the wrong type, or a missing required field is a ``RecipeError`` that names the
+key and lists the valid ones. The hyperparameters that define a run have no defaults: they
+live in the recipe, and the resolved recipe is saved with every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from flashlm.data import DataConfig
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot be turned into a valid ``Recipe``."""
+
+
+@dataclass(kw_only=True)
+class ModelRecipe:
+    """Which model to build: a ``GPTConfig`` preset, with field overrides.
+
+    In YAML the overrides sit beside ``preset`` (``model: {preset: debug, rope_theta: 1e5}``)
+    and are checked against ``GPTConfig``'s fields. With ``init_from`` the architecture comes
+    from the source checkpoint, so ``preset`` is left out and the overrides are applied to it.
+    """
+
+    preset: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return ({"preset": self.preset} if self.preset is not None else {}) | self.overrides
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW. Weight decay applies to matrices and embeddings, not to norm weights."""
+
+    lr: float
+    weight_decay: float
+    grad_clip: float  # max global grad norm; 0 disables clipping
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
+        for name in ("beta1", "beta2"):
+            _check(0 <= getattr(self, name) < 1, f"optim.{name}", getattr(self, name), "must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Linear warmup to ``optim.lr``, then ``cosine`` decay to ``min_lr_ratio * lr`` at the last
+    step, ``wsd`` (warmup-stable-decay: constant, then a linear decay over the final
+    ``decay_fraction`` of the steps), or ``constant``."""
+
+    kind: Literal["cosine", "wsd", "constant"]
+    warmup_steps: int
+    min_lr_ratio: float
+    decay_fraction: float = 0.2
+
+    def __post_init__(self):
+        _check(self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(0 < self.decay_fraction <= 1, "schedule.decay_fraction", self.decay_fraction, "must be in (0, 1]")
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """Steps, batch geometry, evaluation and checkpoint cadence.
+
+    One optimizer step consumes ``micro_batch_size * grad_accum_steps * seq_len`` tokens per
+    process. ``stop_at_step`` ends the run early as if it were interrupted there, with the
+    schedule still spanning ``steps``; a later ``--resume`` continues it.
+    """
+
+    steps: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    seq_len: int
+    seed: int
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 on GPU, none on CPU
+    cpu: bool = False  # train on CPU even when a GPU is present
+    eval_every: int = 0  # 0: evaluate only before the first and after the last step
+    eval_batches: int | None = None  # None: the whole held-out split
+    ckpt_every: int = 0  # 0: checkpoint only at the end
+    keep_last: int = 2
+    stop_at_step: int | None = None
+
+    def __post_init__(self):
+        for name in ("steps", "micro_batch_size", "grad_accum_steps", "seq_len", "keep_last"):
+            _check(getattr(self, name) >= 1, f"training.{name}", getattr(self, name), "must be >= 1")
+        for name in ("eval_every", "ckpt_every"):
+            _check(getattr(self, name) >= 0, f"training.{name}", getattr(self, name), "must be >= 0")
+        if self.eval_batches is not None:
+            _check(self.eval_batches >= 1, "training.eval_batches", self.eval_batches, "must be >= 1 or null")
+        if self.stop_at_step is not None:
+            _check(
+                1 <= self.stop_at_step <= self.steps, "training.stop_at_step", self.stop_at_step,
+                f"must be in [1, training.steps={self.steps}]",
+            )
+
+
+TRACKERS = ("wandb", "tensorboard")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Where metrics go. ``metrics.jsonl`` in the output directory is always written; the
+    ``trackers`` listed here are added through Accelerate."""
+
+    trackers: list[str] = field(default_factory=list)
+    log_every: int = 1
+    project: str = "flashlm"
+    run_name: str | None = None  # None: the output directory's name
+    wandb_mode: Literal["offline", "online"] = "offline"
+    progress_bar: bool = True
+    peak_tflops: float | None = None  # per-device peak for MFU; None: known GPUs, else no MFU
+
+    def __post_init__(self):
+        for name in self.trackers:
+            if name not in TRACKERS:
+                raise RecipeError(f"logging.trackers: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}")
+        _check(self.log_every >= 1, "logging.log_every", self.log_every, "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class ExportConfig:
+    """Hugging Face export of the final model (with its tokenizer) after training."""
+
+    enabled: bool = False
+    dir: str | None = None  # None: <output_dir>/hf
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """Everything one training run needs. ``init_from`` names a Hugging Face Llama directory,
+    a flashlm checkpoint, or a flashlm run directory (its latest checkpoint) to start from.
+    ``resume`` is false, true (the latest complete checkpoint in ``output_dir``) or the path of
+    a checkpoint."""
+
+    output_dir: str
+    model: ModelRecipe
+    data: DataConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    training: TrainingConfig
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    init_from: str | None = None
+    resume: bool | str = False
+
+    def __post_init__(self):
+        if self.model.preset is None and self.init_from is None:
+            raise RecipeError("model.preset is required unless init_from names a model to start from")
+        if self.model.preset is not None and self.init_from is not None:
+            raise RecipeError(
+                f"model.preset={self.model.preset!r} and init_from={self.init_from!r} both choose the "
+                "architecture; drop model.preset when fine-tuning"
+            )
+        _check(
+            self.schedule.warmup_steps <= self.training.steps, "schedule.warmup_steps",
+            self.schedule.warmup_steps, f"must not exceed training.steps={self.training.steps}",
+        )
+
+    @property
+    def export_dir(self) -> Path:
+        return Path(self.export.dir) if self.export.dir else Path(self.output_dir) / "hf"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain YAML-ready data; ``recipe_from_dict`` inverts it."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, ModelRecipe):
+                value = value.to_dict()
+            elif dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            out[f.name] = value
+        return out
+
+
+# Fields that steer a run without changing its trajectory: a resumed run may change them.
+RUN_CONTROL_KEYS = (
+    "output_dir", "resume", "logging", "export", "training.steps", "training.stop_at_step",
+    "training.eval_every", "training.eval_batches", "training.ckpt_every", "training.keep_last",
+)
+
+
+def trajectory_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two resolved recipes (``Recipe.to_dict``),
+    leaving out ``RUN_CONTROL_KEYS``: a non-empty answer means the two are different runs."""
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    keys = sorted(set(flat_a) | set(flat_b))
+    return [
+        k for k in keys
+        if flat_a.get(k) != flat_b.get(k)
+        and not any(k == c or k.startswith(c + ".") for c in RUN_CONTROL_KEYS)
+    ]
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply ``--key=value`` overrides, and validate it into a ``Recipe``."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    apply_overrides(raw, overrides)
+    return recipe_from_dict(raw)
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    """Validate nested plain data (YAML, or ``Recipe.to_dict()``) into a ``Recipe``."""
+    return _build(Recipe, raw, "")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
+    """Set ``--section.key=value`` / ``--key=value`` / ``--flag`` overrides into ``raw`` in place.
+
+    Values stay strings here; they are coerced to the field's type when the recipe is built.
+    A bare ``--key`` is resolved to the one section that has a field of that name.
+    """
+    for item in overrides:
+        if not item.startswith("--"):
+            raise RecipeError(f"override {item!r} must look like --key=value or --section.key=value")
+        key, sep, value = item[2:].partition("=")
+        if not sep:
+            value = "true"
+        parts = _resolve_key(key.replace("-", "_")).split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+
+
+def valid_keys() -> dict[str, list[str]]:
+    """Section name -> its field names ('' for the top level)."""
+    out = {"": [f.name for f in dataclasses.fields(Recipe)]}
+    for name, cls in _section_classes().items():
+        out[name] = _model_keys() if cls is ModelRecipe else [f.name for f in dataclasses.fields(cls)]
+    return out
+
+
+def _resolve_key(key: str) -> str:
+    sections = valid_keys()
+    if "." in key:
+        section, _, name = key.partition(".")
+        if section not in sections or section == "":
+            raise _unknown(section, [s for s in sections if s], "section")
+        if name not in sections[section]:
+            raise _unknown(key, sections[section], f"key in section {section!r}")
+        return key
+    if key in sections[""]:
+        return key
+    owners = [s for s, names in sections.items() if s and key in names]
+    if len(owners) == 1:
+        return f"{owners[0]}.{key}"
+    if len(owners) > 1:
+        raise RecipeError(f"override --{key} is ambiguous; write one of " + ", ".join(f"--{s}.{key}" for s in owners))
+    every = [f"{s}.{n}" if s else n for s, names in sections.items() for n in names]
+    raise _unknown(key, every, "key")
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Recipe)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Recipe) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def _model_keys() -> list[str]:
+    from flashlm.config import GPTConfig
+
+    return ["preset"] + [f.name for f in dataclasses.fields(GPTConfig)]
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from mapping ``raw``, coercing each value to its field type."""
+    where = prefix.rstrip(".") or "recipe"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {raw!r}")
+    if cls is ModelRecipe:
+        return _build_model(raw, prefix)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            raise _unknown(prefix + str(key), list(fields), f"key in {where}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], prefix + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{where}: missing required key {prefix + name!r}")
+    try:
+        return cls(**kwargs)
+    except RecipeError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"{where}: {e}") from e
+
+
+def _build_model(raw: dict[str, Any], prefix: str) -> ModelRecipe:
+    from flashlm.config import GPTConfig
+
+    raw = dict(raw)
+    preset = raw.pop("preset", None)
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    hints = typing.get_type_hints(GPTConfig)
+    overrides = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise _unknown(prefix + str(key), ["preset", *fields], "key in model")
+        overrides[key] = _coerce(value, hints[key], prefix + key)
+    return ModelRecipe(preset=None if preset is None else _coerce(preset, str, prefix + "preset"), overrides=overrides)
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"null", "none", "~", ""}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (YAML data or a command-line string) to type ``tp`` or raise."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in _NONE)):
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except RecipeError:
+                pass
+        raise RecipeError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        for choice in args:
+            if value == choice or (isinstance(value, str) and str(choice) == value):
+                return choice
+        raise RecipeError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            text = value.strip()
+            value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        items = [_coerce(v.strip() if isinstance(v, str) else v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise RecipeError(f"{key}: {value!r} is not a bool (true/false)")
+    if tp is int:
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                value = _float_or(value, value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise RecipeError(f"{key}: {value!r} is not an int")
+    if tp is float:
+        if isinstance(value, str):
+            value = _float_or(value, value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise RecipeError(f"{key}: {value!r} is not a float")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise RecipeError(f"{key}: {value!r} is not a string")
+    if isinstance(value, tp):
+        return value
+    raise RecipeError(f"{key}: cannot read {value!r} as {_type_name(tp)}")
+
+
+def _float_or(text: str, fallback: Any) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return fallback
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _unknown(key: str, valid: list[str], what: str) -> RecipeError:
+    close = difflib.get_close_matches(key.rpartition(".")[2], valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return RecipeError(f"unknown {what}: {key!r}{hint}; valid keys: {', '.join(valid)}")
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise RecipeError(f"{key}={value!r} {why}")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[prefix + k] = v
+    return out
