@@ -443,11 +443,10 @@ def _configs(kind):
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles that cannot fit at large head dims; keep at least the smallest."""
+    """Drop tiles that cannot fit in shared memory at large head dims or in fp32."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    if block_d is None or block_d <= 128:
-        return configs
-    budget = 64 * 64 if block_d == 256 else 128 * 64
+    elem = named_args["Q"].element_size()
+    budget = 128 * 128 * 128 * 2 // (block_d * elem)  # BLOCK_M * BLOCK_N that fits
     kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= budget]
     return kept or configs[-1:]
 
@@ -460,18 +459,36 @@ _dkdv_tuned = triton.autotune(_configs("dkdv"), key=_TUNE_KEYS,
 _dq_tuned = triton.autotune(_configs("dq"), key=_TUNE_KEYS,
                             prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dq_kernel)
 
+# Below this many tokens a launch is too short for tuning to pay, and each distinct shape would
+# trigger a tuning sweep: short sequences take one fixed, always-fitting configuration.
+_AUTOTUNE_MIN_SEQ = 1024
 # Under the CPU interpreter every tile is a numpy call: small fixed tiles keep tests fast while
 # still giving several blocks per sequence. BLOCK_M != BLOCK_N exercises the diagonal logic.
 _INTERPRET_BLOCKS = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
 
 
-def _launch(kind, tuned, grid_fn, *args, **meta):
+def _fixed_config(kind, block_d, elem):
+    small = block_d * elem > 256  # head dim 256 in 16-bit, or >= 128 in fp32
+    if kind == "fwd":
+        return (32, 32, 4, 2) if small else (64, 64, 4, 2)
+    if kind == "dkdv":
+        return (16, 32, 4, 1) if small else (32, 64, 4, 2)
+    return (32, 16, 4, 1) if small else (64, 32, 4, 2)
+
+
+def _launch(kind, tuned, grid_fn, *args, seq_bucket, **meta):
+    q = args[0]
     if _is_interpreted(tuned.fn):
         block_m, block_n = _INTERPRET_BLOCKS[kind]
         grid = grid_fn({"BLOCK_M": block_m, "BLOCK_N": block_n})
-        tuned.fn[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, **meta)
+        tuned.fn[grid](*args, seq_bucket, BLOCK_M=block_m, BLOCK_N=block_n, **meta)
+    elif seq_bucket < _AUTOTUNE_MIN_SEQ:
+        block_m, block_n, warps, stages = _fixed_config(kind, meta["BLOCK_D"], q.element_size())
+        grid = grid_fn({"BLOCK_M": block_m, "BLOCK_N": block_n})
+        tuned.fn[grid](*args, seq_bucket, BLOCK_M=block_m, BLOCK_N=block_n,
+                       num_warps=warps, num_stages=stages, **meta)
     else:
-        tuned[grid_fn](*args, **meta)
+        tuned[grid_fn](*args, seq_bucket, **meta)
 
 
 def _common_meta(q, causal):
@@ -524,7 +541,7 @@ def _flash_fwd_impl(q, k, v, softmax_scale, causal, out=None, lse=None):
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             nheads, seqlen_q, seqlen_k, nheads // nheads_k, softmax_scale * _LOG2E,
-            _seq_bucket(max(seqlen_q, seqlen_k)),
+            seq_bucket=_seq_bucket(max(seqlen_q, seqlen_k)),
             **_common_meta(q, causal),
         )
     return out, lse
@@ -567,7 +584,7 @@ def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, softmax_scale, causal, grads=
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
             nheads, nheads_k, seqlen_q, seqlen_k, group, softmax_scale,
-            softmax_scale * _LOG2E, bucket,
+            softmax_scale * _LOG2E, seq_bucket=bucket,
             **meta,
         )
         _launch(
@@ -579,8 +596,8 @@ def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, softmax_scale, causal, grads=
             v.stride(0), v.stride(1), v.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            nheads, seqlen_q, seqlen_k, group, softmax_scale, softmax_scale * _LOG2E, bucket,
-            **meta,
+            nheads, seqlen_q, seqlen_k, group, softmax_scale, softmax_scale * _LOG2E,
+            seq_bucket=bucket, **meta,
         )
     return dq, dk, dv
 

@@ -1,0 +1,237 @@
+"""Attention kernel benchmark: flashlm against torch SDPA (FlashAttention-2 and cuDNN backends)
+and compiled FlexAttention, all in one run on the same inputs.
+
+FLOPs (printed with the table): forward 4*B*H*S*S*D, halved when causal; backward 2.5x the
+forward; forward+backward 3.5x. Shapes follow shared/BENCHMARKS.md: bf16, hidden 2048
+(H = 2048 / D), B*S = 16K tokens up to S = 16K, then B = 1. Times are the median of
+``triton.testing.do_bench``. Peak memory is ``max_memory_allocated`` during one forward+backward,
+above what the inputs already hold.
+
+Writes ``attention.json`` (GPU, versions, git commit, every row), ``attention.md`` (tables with
+ratios to each peer) and ``attention.png`` to ``--out``.
+
+    python scripts/bench_attention.py --out results/attention
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+PROVIDERS = ["flashlm", "sdpa_flash", "sdpa_cudnn", "flex"]
+LABELS = {"flashlm": "flashlm", "sdpa_flash": "SDPA FA2", "sdpa_cudnn": "SDPA cuDNN",
+          "flex": "FlexAttention"}
+
+
+def attention_flops(batch, nheads, seqlen, head_dim, causal, mode):
+    fwd = 4 * batch * nheads * seqlen * seqlen * head_dim / (2 if causal else 1)
+    return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
+
+
+def make_attention(provider, causal, seqlen, device):
+    """A function (q, k, v) -> out on (B, S, H, D) tensors, in the provider's own layout."""
+    if provider == "flashlm":
+        from flashlm import flash_attn_func
+        return lambda q, k, v: flash_attn_func(q, k, v, causal=causal)
+    if provider in ("sdpa_flash", "sdpa_cudnn"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = SDPBackend.FLASH_ATTENTION if provider == "sdpa_flash" else SDPBackend.CUDNN_ATTENTION
+
+        def run(q, k, v):
+            with sdpa_kernel([backend]):
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+            return out.transpose(1, 2)
+        return run
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    flex = torch.compile(flex_attention, dynamic=False)
+    block_mask = None
+    if causal:
+        block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx,
+                                       None, None, seqlen, seqlen, device=device)
+
+    def run(q, k, v):
+        out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+        return out.transpose(1, 2)
+    return run
+
+
+def bench_one(provider, batch, seqlen, nheads, head_dim, causal, dtype, device):
+    import triton.testing
+    gen = torch.Generator(device=device).manual_seed(seqlen + head_dim)
+    shape = (batch, seqlen, nheads, head_dim)
+    q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype).requires_grad_()
+               for _ in range(3))
+    dout = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    fn = make_attention(provider, causal, seqlen, device)
+    row = {"provider": provider}
+    try:
+        out = fn(q, k, v)
+        out.backward(dout)  # warm-up: compile, autotune
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn(q, k, v)
+        out.backward(dout)
+        torch.cuda.synchronize()
+        row["peak_mem_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        del out
+        q.grad = k.grad = v.grad = None
+        ms_fwd = triton.testing.do_bench(lambda: fn(q, k, v), warmup=50, rep=200,
+                                         return_mode="median")
+        out = fn(q, k, v)
+        ms_bwd = triton.testing.do_bench(
+            lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
+            warmup=50, rep=200, return_mode="median")
+
+        def fwd_bwd():
+            torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
+        ms_all = triton.testing.do_bench(fwd_bwd, warmup=50, rep=200, return_mode="median")
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+        return row
+    except RuntimeError as exc:  # a backend that does not support the shape
+        row["error"] = str(exc).splitlines()[0][:200]
+        return row
+    finally:
+        torch.cuda.empty_cache()
+    for mode, ms in (("fwd", ms_fwd), ("bwd", ms_bwd), ("fwd_bwd", ms_all)):
+        row[f"{mode}_ms"] = ms
+        row[f"{mode}_tflops"] = attention_flops(batch, nheads, seqlen, head_dim, causal, mode) / (ms * 1e-3) / 1e12
+    return row
+
+
+def environment():
+    def git(*args):
+        try:
+            return subprocess.check_output(["git", *args], text=True,
+                                           stderr=subprocess.DEVNULL).strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+    import triton
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "git_commit": git("rev-parse", "HEAD"),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def markdown(results, env):
+    lines = [f"Attention TFLOP/s, {env['gpu']}, bf16, {env['date']} (torch {env['torch']}, "
+             f"triton {env['triton']}, commit {str(env['git_commit'])[:10]}).",
+             "", "FLOPs: forward 4*B*H*S*S*D (halved when causal), backward 2.5x forward, "
+             "forward+backward 3.5x. Hidden 2048 (H = 2048/D), B*S = 16K up to S = 16K, then B = 1. "
+             "Cells: forward / backward / forward+backward; ratio columns are flashlm's "
+             "forward+backward over the peer's.", ""]
+    header = ["D", "causal", "S"] + [LABELS[p] for p in PROVIDERS] + \
+             ["vs FA2", "vs cuDNN", "vs Flex", "flashlm fwd vs FA2", "flashlm peak GiB"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for shape in results:
+        cells = [str(shape["head_dim"]), "yes" if shape["causal"] else "no", f"{shape['seqlen'] // 1024}K"]
+        by = {r["provider"]: r for r in shape["rows"]}
+        for p in PROVIDERS:
+            r = by.get(p)
+            if r is None:
+                cells.append("-")
+            elif "error" in r:
+                cells.append(r["error"] if r["error"] == "out of memory" else "unsupported")
+            else:
+                cells.append(f"{r['fwd_tflops']:.0f} / {r['bwd_tflops']:.0f} / {r['fwd_bwd_tflops']:.0f}")
+
+        def ratio(peer, mode="fwd_bwd"):
+            a, b = by.get("flashlm", {}), by.get(peer, {})
+            if f"{mode}_tflops" in a and f"{mode}_tflops" in b:
+                return f"{a[f'{mode}_tflops'] / b[f'{mode}_tflops']:.2f}x"
+            return "-"
+        cells += [ratio("sdpa_flash"), ratio("sdpa_cudnn"), ratio("flex"), ratio("sdpa_flash", "fwd")]
+        fl = by.get("flashlm", {})
+        cells.append(f"{fl['peak_mem_gib']:.2f}" if "peak_mem_gib" in fl else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = sorted({(s["head_dim"], s["causal"]) for s in results}, reverse=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, (d, causal) in zip(axes[0], panels):
+        shapes = [s for s in results if s["head_dim"] == d and s["causal"] == causal]
+        for p in PROVIDERS:
+            xs, ys = [], []
+            for s in shapes:
+                r = next((r for r in s["rows"] if r["provider"] == p), None)
+                if r and "fwd_bwd_tflops" in r:
+                    xs.append(s["seqlen"])
+                    ys.append(r["fwd_bwd_tflops"])
+            if xs:
+                ax.plot(xs, ys, marker="o", label=LABELS[p])
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"D={d}, {'causal' if causal else 'non-causal'}")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("fwd+bwd TFLOP/s")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(args):
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py needs a CUDA GPU")
+    os.makedirs(args.out, exist_ok=True)
+    env = environment()
+    results = []
+    for head_dim in args.head_dims:
+        nheads = args.hidden // head_dim
+        for causal in (True, False):
+            for seqlen in args.seqlens:
+                batch = max(args.tokens // seqlen, 1)
+                rows = []
+                for provider in args.providers:
+                    if provider == "flex" and seqlen > args.flex_max_seqlen:
+                        continue
+                    row = bench_one(provider, batch, seqlen, nheads, head_dim, causal,
+                                    torch.bfloat16, "cuda")
+                    rows.append(row)
+                    print(f"D={head_dim} causal={causal} S={seqlen} B={batch} {provider}: "
+                          + (row.get("error") or f"fwd {row['fwd_tflops']:.0f} bwd {row['bwd_tflops']:.0f} "
+                             f"fwd+bwd {row['fwd_bwd_tflops']:.0f} TFLOP/s, {row['peak_mem_gib']:.2f} GiB"),
+                          flush=True)
+                results.append({"head_dim": head_dim, "causal": causal, "seqlen": seqlen,
+                                "batch": batch, "nheads": nheads, "rows": rows})
+                with open(os.path.join(args.out, "attention.json"), "w") as f:
+                    json.dump({"env": env, "results": results}, f, indent=1)
+    table = markdown(results, env)
+    with open(os.path.join(args.out, "attention.md"), "w") as f:
+        f.write(table)
+    plot(results, os.path.join(args.out, "attention.png"))
+    print(table)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results/attention")
+    p.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
+    p.add_argument("--seqlens", type=int, nargs="+",
+                   default=[1024 * 2**i for i in range(8)])
+    p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--tokens", type=int, default=16384, help="B*S for S below this")
+    p.add_argument("--flex-max-seqlen", type=int, default=16384,
+                   help="FlexAttention compiles per shape; skip it above this length")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
