@@ -283,7 +283,12 @@ def _open_dataset(fmt, files, text_field, sample_by, *, streaming, cache_dir, hu
         features = datasets.Features({text_field: datasets.Value("string")})
         if streaming:
             return datasets.IterableDataset.from_generator(gen, features=features, gen_kwargs=kwargs)
-        return datasets.Dataset.from_generator(gen, features=features, gen_kwargs=kwargs, cache_dir=cache_dir)
+        try:
+            return datasets.Dataset.from_generator(gen, features=features, gen_kwargs=kwargs, cache_dir=cache_dir)
+        except datasets.exceptions.DatasetGenerationError as e:
+            if isinstance(e.__cause__, DataError):  # ours, raised inside the generator
+                raise e.__cause__ from None
+            raise
     if fmt == "hub":
         name, config, split = hub
         ds = datasets.load_dataset(name, config, split=split, streaming=streaming, cache_dir=cache_dir)
@@ -301,7 +306,12 @@ def _open_dataset(fmt, files, text_field, sample_by, *, streaming, cache_dir, hu
 def _path_generator(reader):
     # datasets shards a generator by its list-valued kwargs; paths travel as strings.
     def generate(files, text_field, sample_by):
-        yield from reader([Path(f) for f in files], text_field, sample_by)
+        n = 0
+        for n, row in enumerate(reader([Path(f) for f in files], text_field, sample_by), 1):
+            yield row
+        if n == 0:
+            where = files[0] if len(files) == 1 else f"{len(files)} files from {files[0]} on"
+            raise DataError(f"{where}: holds no non-empty documents")
 
     generate.__name__ = f"generate_{reader.__name__.strip('_')}"
     return generate
@@ -684,10 +694,15 @@ class StreamingTrainLoader:
                 tokens = np.concatenate([tokens, doc])
                 starts = np.concatenate([starts, np.arange(len(doc)) == 0])
                 n = len(tokens) // s * s
-                buffer += zip(tokens[:n].reshape(-1, s), starts[:n].reshape(-1, s))
+                for block in zip(tokens[:n].reshape(-1, s), starts[:n].reshape(-1, s)):
+                    # A full buffer swaps the new block for a random one it holds.
+                    if len(buffer) < cfg.shuffle_buffer:
+                        buffer.append(block)
+                        continue
+                    i = int(rng.integers(len(buffer)))
+                    yield buffer[i]
+                    buffer[i] = block
                 tokens, starts = tokens[n:], starts[n:]
-                while len(buffer) >= cfg.shuffle_buffer:
-                    yield buffer.pop(int(rng.integers(len(buffer))))
             if n_docs == 0:
                 raise DataError(f"path={cfg.path!r}: rank {self.rank} of {self.world_size} gets no "
                                 f"training documents from the stream (epoch {epoch})")
