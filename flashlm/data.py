@@ -49,6 +49,12 @@ blocks in a new seeded order, each rank taking a disjoint stride of it. With str
 the first ``eval_docs`` documents of the stream are held out, document ``i`` after them goes
 to rank ``i % world_size``, and blocks pass through a seeded shuffle buffer.
 
+Caching: tokenized documents are stored under ``cache_dir`` in an entry keyed on the data
+files' contents (or a hub dataset's fingerprint), the tokenizer and the read settings; the
+split and packing are redone from it in milliseconds, so ``seq_len``, ``seed`` and the eval
+settings do not key it. Under Accelerate, call ``prepare_data`` inside
+``accelerator.main_process_first()`` so that one process tokenizes and the others read.
+
 Errors (``DataError``, a ``ValueError``) are raised before training and name the problem:
 missing or empty data files, a jsonl line without the text field (file and line), text that
 is not UTF-8 (file), a tokenizer larger than the model's vocabulary, a corpus too small for
@@ -358,11 +364,9 @@ def _hash_files(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _cache_key(cfg: DataConfig, fmt: str, files: list[Path], tokenizer) -> str:
-    # Contents, not paths or mtimes: a fresh clone of the same corpus reuses the cache.
+def _cache_key(cfg: DataConfig, fmt: str, source: str, tokenizer) -> str:
     settings = {"version": CACHE_VERSION, "format": fmt, "text_field": cfg.text_field,
-                "sample_by": cfg.sample_by, "files": _hash_files(files),
-                "tokenizer": _tokenizer_fingerprint(tokenizer)}
+                "sample_by": cfg.sample_by, "source": source, "tokenizer": _tokenizer_fingerprint(tokenizer)}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -370,13 +374,11 @@ def _token_dtype(tokenizer):
     return np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
 
 
-def tokenize_documents(cfg: DataConfig, tokenizer, fmt: str, files: list[Path], cache_dir: str | None):
-    """Read, validate and tokenize every document with ``datasets.map`` (batched)."""
+def tokenize_documents(cfg: DataConfig, tokenizer, ds) -> TokenizedDocs:
+    """Tokenize every document of the ``datasets.Dataset`` ``ds`` with a batched ``map``."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    hub = (cfg.path, cfg.hub_config, cfg.hub_split)
-    ds = _open_dataset(fmt, files, cfg.text_field, cfg.sample_by, streaming=False, cache_dir=cache_dir, hub=hub)
     ds = ds.map(_tokenize_fn(tokenizer, cfg.text_field), batched=True, batch_size=TOKENIZE_BATCH,
                 with_indices=True, remove_columns=ds.column_names,
                 num_proc=cfg.num_proc if cfg.num_proc > 1 else None, desc="tokenizing")
@@ -393,14 +395,28 @@ def tokenize_documents(cfg: DataConfig, tokenizer, fmt: str, files: list[Path], 
 def load_or_tokenize(cfg: DataConfig, tokenizer) -> tuple[TokenizedDocs, bool, Path | None]:
     """Tokenized documents of ``cfg``, from ``cfg.cache_dir`` when an entry with the same
     file contents, tokenizer and read settings is there. Returns (docs, from_cache, entry)."""
-    fmt = "hub" if cfg.format == "hub" else None
-    files: list[Path] = []
-    if fmt is None:
+    read = dict(text_field=cfg.text_field, sample_by=cfg.sample_by, streaming=False)
+    if cfg.format == "hub":
+        fmt, files = "hub", []
+        hub_cache = str(Path(cfg.cache_dir) / "hub") if cfg.cache_dir else None  # the download, kept
+        hub_ds = _open_dataset(fmt, files, **read, cache_dir=hub_cache, hub=(cfg.path, cfg.hub_config, cfg.hub_split))
+        source = f"{cfg.path}|{cfg.hub_config}|{cfg.hub_split}|{hub_ds._fingerprint}"
+
+        def open_dataset(tmp):
+            return hub_ds
+    else:
         fmt, files = resolve_files(cfg.path, cfg.format)
-    if cfg.cache_dir is None or fmt == "hub":
+        # Contents, not paths or mtimes: a fresh clone of the same corpus reuses the cache.
+        source = _hash_files(files)
+
+        def open_dataset(tmp):
+            # datasets' own arrow files go in a temporary folder and leave with it.
+            return _open_dataset(fmt, files, **read, cache_dir=tmp)
+
+    if cfg.cache_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
-            return tokenize_documents(cfg, tokenizer, fmt, files, None if fmt == "hub" else tmp), False, None
-    entry = Path(cfg.cache_dir) / _cache_key(cfg, fmt, files, tokenizer)
+            return tokenize_documents(cfg, tokenizer, open_dataset(tmp)), False, None
+    entry = Path(cfg.cache_dir) / _cache_key(cfg, fmt, source, tokenizer)
     if (entry / "meta.json").is_file():
         tokens = np.load(entry / "tokens.npy", mmap_mode="r")
         return TokenizedDocs(tokens, np.load(entry / "offsets.npy")), True, entry
@@ -408,8 +424,7 @@ def load_or_tokenize(cfg: DataConfig, tokenizer) -> tuple[TokenizedDocs, bool, P
     work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=cfg.cache_dir))
     work.chmod(0o755)
     try:
-        # datasets' own arrow files go in the temporary folder and leave with it.
-        docs = tokenize_documents(cfg, tokenizer, fmt, files, str(work / "hf"))
+        docs = tokenize_documents(cfg, tokenizer, open_dataset(str(work / "hf")))
         shutil.rmtree(work / "hf", ignore_errors=True)
         np.save(work / "tokens.npy", docs.tokens)
         np.save(work / "offsets.npy", docs.offsets)

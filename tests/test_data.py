@@ -295,6 +295,23 @@ def test_sources_text_jsonl_parquet_arrow_agree(tok, tmp_path):
         assert data.train.n_docs == len(docs) and data.train.n_tokens == sum(len(expected_ids(tok, d)) for d in docs)
 
 
+def test_hub_format_through_load_dataset(tok, tmp_path, monkeypatch):
+    # datasets.load_dataset resolves a local folder the way it resolves a hub name.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = make_docs(seed=10, n=20, max_words=20)
+    (tmp_path / "hubds").mkdir()
+    pq.write_table(pa.table({"text": docs}), tmp_path / "hubds" / "train.parquet")
+    cfg = config(tmp_path / "hubds", tmp_path, format="hub", eval_docs=2)
+    first = prepare_data(cfg, tok, seq_len=8)
+    assert first.train.n_docs == 18 and first.eval.n_docs == 2 and not first.from_cache
+    got = decoded_docs(first.train, tok) + decoded_docs(first.eval, tok)
+    assert len(got) >= 18 and set(got) <= set(docs)
+    monkeypatch.setattr(fd, "tokenize_documents", None)  # a cache hit must not tokenize
+    assert prepare_data(cfg, tok, seq_len=8).from_cache
+
+
 def test_text_sample_by_paragraph_and_line(tmp_path):
     (tmp_path / "a.txt").write_text("one para\nstill one\n\n  \ntwo\n\n\nthree\n", encoding="utf-8")
     paras = list(iter_texts(str(tmp_path / "a.txt"), sample_by="paragraph"))
