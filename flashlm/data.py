@@ -58,17 +58,15 @@ settings do not key it. Under Accelerate, call ``prepare_data`` inside
 Errors (``DataError``, a ``ValueError``) are raised before training and name the problem:
 missing or empty data files, a jsonl line without the text field (file and line), text that
 is not UTF-8 (file), a tokenizer larger than the model's vocabulary, a corpus too small for
-one batch per rank.
+one batch per rank. Finding and validating files is ``flashlm.corpus``'s job; with
+streaming, a bad line past the held-out documents is found when the stream reaches it.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
-import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -79,14 +77,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from flashlm.corpus import DataError, iter_texts, open_dataset, resolve_files
+
+__all__ = [
+    "DataConfig", "DataError", "PackedData", "StreamingData", "build_eval_loader", "build_train_loader",
+    "check_tokenizer_fits", "iter_texts", "load_tokenizer", "prepare_data", "unigram_entropy",
+]
+
 CACHE_VERSION = 1
-EXTENSIONS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl",
-              ".parquet": "parquet", ".arrow": "arrow"}
 TOKENIZE_BATCH = 1000  # documents per tokenizer call
-
-
-class DataError(ValueError):
-    """Data or data settings that cannot be used; the message names the file or field."""
 
 
 @dataclass(kw_only=True)
@@ -129,8 +128,6 @@ def _check(ok, field, value, why):
         raise DataError(f"{field}={value!r}: {why}")
 
 
-# ---------------------------------------------------------------------------------------
-# Tokenizers
 
 
 def load_tokenizer(spec: str):
@@ -183,146 +180,6 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------------------------------
-# Sources: resolve files, read and validate documents
-
-
-def resolve_files(path: str, fmt: str = "auto") -> tuple[str, list[Path]]:
-    """The data files that ``path`` (file, folder or glob) names, and their format.
-
-    A folder contributes the files (recursively) whose extension is known, or, with an
-    explicit ``fmt``, those of that format. Raises ``DataError`` for a missing path, no
-    matching files, mixed formats under ``fmt="auto"`` or an empty file."""
-    if any(c in path for c in "*?["):
-        files = [Path(p) for p in sorted(glob.glob(path, recursive=True)) if Path(p).is_file()]
-        if not files:
-            raise DataError(f"path={path!r}: no files match this pattern")
-    elif Path(path).is_dir():
-        files = sorted(p for p in Path(path).rglob("*") if p.is_file() and
-                       EXTENSIONS.get(p.suffix.lower()) in ((fmt,) if fmt != "auto" else EXTENSIONS.values()))
-        if not files:
-            wanted = sorted(e for e, f in EXTENSIONS.items() if fmt in ("auto", f))
-            raise DataError(f"path={path!r}: the folder holds no data files ({', '.join(wanted)})")
-    elif Path(path).is_file():
-        files = [Path(path)]
-    else:
-        raise DataError(f"path={path!r}: no such file or folder (for a hub dataset set format: hub)")
-    if fmt == "auto":
-        found = {EXTENSIONS.get(p.suffix.lower()) for p in files}
-        if None in found:
-            odd = next(p for p in files if p.suffix.lower() not in EXTENSIONS)
-            raise DataError(f"{odd}: unknown data file extension; set format to one of text, jsonl, parquet, arrow")
-        if len(found) > 1:
-            raise DataError(f"path={path!r}: mixes formats {sorted(found)}; point it at one kind or set format")
-        fmt = found.pop()
-    for p in files:
-        if p.stat().st_size == 0:
-            raise DataError(f"{p}: empty data file")
-    return fmt, files
-
-
-def _decode(raw: bytes, file: Path, line: int | None = None) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = line if line is not None else raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{file}: not UTF-8 text (line {line}, byte {e.start}: {e.reason})") from None
-
-
-def _read_text_docs(files: list[Path], text_field: str, sample_by: str) -> Iterator[dict]:
-    """Documents of text files, validated: ``{text_field: str}`` rows."""
-    for file in files:
-        text = _decode(file.read_bytes(), file)
-        if sample_by == "document":
-            pieces = [text]
-        elif sample_by == "paragraph":
-            pieces = re.split(r"\n[ \t]*\n", text)
-        else:
-            pieces = text.splitlines()
-        for piece in pieces:
-            if piece.strip():
-                yield {text_field: piece}
-
-
-def _read_jsonl_docs(files: list[Path], text_field: str, sample_by: str = "document") -> Iterator[dict]:
-    """Documents of jsonl files, validated line by line: ``{text_field: str}`` rows."""
-    for file in files:
-        with open(file, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                line = _decode(raw, file, lineno).strip()
-                if not line:
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{file}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or text_field not in row:
-                    raise DataError(f"{file}:{lineno}: no {text_field!r} field in this line "
-                                    "(set text_field to the field holding the text)")
-                text = row[text_field]
-                if not isinstance(text, str):
-                    raise DataError(f"{file}:{lineno}: field {text_field!r} is a "
-                                    f"{type(text).__name__}, not a string")
-                if text.strip():
-                    yield {text_field: text}
-
-
-def iter_texts(path: str, *, format: str = "auto", text_field: str = "text",
-               sample_by: str = "document") -> Iterator[str]:
-    """Yield the document strings of a local corpus, validated as in training."""
-    fmt, files = resolve_files(path, format)
-    if fmt == "hub":
-        raise DataError("iter_texts reads local files; format='hub' is not supported here")
-    rows = _open_dataset(fmt, files, text_field, sample_by, streaming=True, cache_dir=None)
-    for row in rows:
-        yield row[text_field]
-
-
-def _open_dataset(fmt, files, text_field, sample_by, *, streaming, cache_dir, hub=None):
-    """A ``datasets`` Dataset (or IterableDataset when streaming) with a ``text_field`` column."""
-    import datasets
-
-    if fmt in ("text", "jsonl"):
-        reader = _read_text_docs if fmt == "text" else _read_jsonl_docs
-        kwargs = {"files": [str(f) for f in files], "text_field": text_field, "sample_by": sample_by}
-        gen = _path_generator(reader)
-        features = datasets.Features({text_field: datasets.Value("string")})
-        if streaming:
-            return datasets.IterableDataset.from_generator(gen, features=features, gen_kwargs=kwargs)
-        try:
-            return datasets.Dataset.from_generator(gen, features=features, gen_kwargs=kwargs, cache_dir=cache_dir)
-        except datasets.exceptions.DatasetGenerationError as e:
-            if isinstance(e.__cause__, DataError):  # ours, raised inside the generator
-                raise e.__cause__ from None
-            raise
-    if fmt == "hub":
-        name, config, split = hub
-        ds = datasets.load_dataset(name, config, split=split, streaming=streaming, cache_dir=cache_dir)
-        where = f"hub dataset {name!r}"
-    else:
-        ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train",
-                                   streaming=streaming, cache_dir=cache_dir)
-        where = f"{files[0]}" if len(files) == 1 else f"{len(files)} {fmt} files under {files[0].parent}"
-    columns = ds.column_names
-    if columns is not None and text_field not in columns:
-        raise DataError(f"{where}: no {text_field!r} column (columns: {columns}); set text_field")
-    return ds
-
-
-def _path_generator(reader):
-    # datasets shards a generator by its list-valued kwargs; paths travel as strings.
-    def generate(files, text_field, sample_by):
-        n = 0
-        for n, row in enumerate(reader([Path(f) for f in files], text_field, sample_by), 1):
-            yield row
-        if n == 0:
-            where = files[0] if len(files) == 1 else f"{len(files)} files from {files[0]} on"
-            raise DataError(f"{where}: holds no non-empty documents")
-
-    generate.__name__ = f"generate_{reader.__name__.strip('_')}"
-    return generate
-
-
 def _tokenize_fn(tokenizer, text_field):
     eos = tokenizer.eos_token_id
 
@@ -337,8 +194,6 @@ def _tokenize_fn(tokenizer, text_field):
     return tokenize
 
 
-# ---------------------------------------------------------------------------------------
-# Tokenized documents and their on-disk cache
 
 
 @dataclass
@@ -399,23 +254,23 @@ def load_or_tokenize(cfg: DataConfig, tokenizer) -> tuple[TokenizedDocs, bool, P
     if cfg.format == "hub":
         fmt, files = "hub", []
         hub_cache = str(Path(cfg.cache_dir) / "hub") if cfg.cache_dir else None  # the download, kept
-        hub_ds = _open_dataset(fmt, files, **read, cache_dir=hub_cache, hub=(cfg.path, cfg.hub_config, cfg.hub_split))
+        hub_ds = open_dataset(fmt, files, **read, cache_dir=hub_cache, hub=(cfg.path, cfg.hub_config, cfg.hub_split))
         source = f"{cfg.path}|{cfg.hub_config}|{cfg.hub_split}|{hub_ds._fingerprint}"
 
-        def open_dataset(tmp):
+        def open_source(tmp):
             return hub_ds
     else:
         fmt, files = resolve_files(cfg.path, cfg.format)
         # Contents, not paths or mtimes: a fresh clone of the same corpus reuses the cache.
         source = _hash_files(files)
 
-        def open_dataset(tmp):
+        def open_source(tmp):
             # datasets' own arrow files go in a temporary folder and leave with it.
-            return _open_dataset(fmt, files, **read, cache_dir=tmp)
+            return open_dataset(fmt, files, **read, cache_dir=tmp)
 
     if cfg.cache_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
-            return tokenize_documents(cfg, tokenizer, open_dataset(tmp)), False, None
+            return tokenize_documents(cfg, tokenizer, open_source(tmp)), False, None
     entry = Path(cfg.cache_dir) / _cache_key(cfg, fmt, source, tokenizer)
     if (entry / "meta.json").is_file():
         tokens = np.load(entry / "tokens.npy", mmap_mode="r")
@@ -424,7 +279,7 @@ def load_or_tokenize(cfg: DataConfig, tokenizer) -> tuple[TokenizedDocs, bool, P
     work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=cfg.cache_dir))
     work.chmod(0o755)
     try:
-        docs = tokenize_documents(cfg, tokenizer, open_dataset(str(work / "hf")))
+        docs = tokenize_documents(cfg, tokenizer, open_source(str(work / "hf")))
         shutil.rmtree(work / "hf", ignore_errors=True)
         np.save(work / "tokens.npy", docs.tokens)
         np.save(work / "offsets.npy", docs.offsets)
@@ -440,8 +295,6 @@ def load_or_tokenize(cfg: DataConfig, tokenizer) -> tuple[TokenizedDocs, bool, P
     return docs, False, entry
 
 
-# ---------------------------------------------------------------------------------------
-# Splitting and packing
 
 
 @dataclass
@@ -523,8 +376,6 @@ def prepare_data(cfg: DataConfig, tokenizer, seq_len: int):
     return PackedData(cfg, seq_len, tokenizer.eos_token_id, train, evals, from_cache, entry)
 
 
-# ---------------------------------------------------------------------------------------
-# Batches and loaders
 
 
 def make_batch(blocks: np.ndarray, starts: np.ndarray) -> dict[str, Any]:
@@ -640,8 +491,6 @@ def build_eval_loader(data, *, batch_size: int, rank: int = 0, world_size: int =
     return EvalLoader(data.eval, batch_size=batch_size, rank=rank, world_size=world_size)
 
 
-# ---------------------------------------------------------------------------------------
-# Streaming
 
 
 class StreamingData:
@@ -654,7 +503,7 @@ class StreamingData:
         self.config, self.tokenizer, self.seq_len = cfg, tokenizer, seq_len
         self.eos_token_id = tokenizer.eos_token_id
         self.format, self.files = ("hub", []) if cfg.format == "hub" else resolve_files(cfg.path, cfg.format)
-        self.dataset = _open_dataset(self.format, self.files, cfg.text_field, cfg.sample_by, streaming=True,
+        self.dataset = open_dataset(self.format, self.files, cfg.text_field, cfg.sample_by, streaming=True,
                                      cache_dir=None, hub=(cfg.path, cfg.hub_config, cfg.hub_split))
         n_eval = cfg.eval_docs or 0
         eval_docs = list(self.documents(rank=0, world_size=1, stop=n_eval)) if n_eval else []
@@ -745,8 +594,6 @@ class StreamingTrainLoader:
         self.batch, self._blocks = int(state["batch"]), None
 
 
-# ---------------------------------------------------------------------------------------
-# Statistics
 
 
 def unigram_entropy(data, max_tokens: int | None = None) -> float:
