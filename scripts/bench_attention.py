@@ -61,6 +61,28 @@ def make_attention(provider, causal, seqlen, device):
     return run
 
 
+def explore_configs():
+    """Replace flashlm's short autotune lists by wide ones (for choosing the short lists)."""
+    import triton
+    from flashlm.kernels.attention import flash_attn as fa
+    c = triton.Config
+    grid = lambda ms, ns, ws, ss: [c({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                                   for m in ms for n in ns for w in ws for st in ss]
+    fa._fwd_tuned.configs = grid([64, 128], [64, 128], [4, 8], [2, 3, 4])
+    fa._dkdv_tuned.configs = grid([32, 64], [64, 128], [4, 8], [2, 3])
+    fa._dq_tuned.configs = grid([64, 128], [32, 64], [4, 8], [2, 3])
+
+
+def best_configs():
+    from flashlm.kernels.attention import flash_attn as fa
+    out = {}
+    for name, tuned in (("fwd", fa._fwd_tuned), ("dkdv", fa._dkdv_tuned), ("dq", fa._dq_tuned)):
+        cfg = getattr(tuned, "best_config", None)
+        if cfg is not None:
+            out[name] = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
 def bench_one(provider, batch, seqlen, nheads, head_dim, causal, dtype, device):
     import triton.testing
     gen = torch.Generator(device=device).manual_seed(seqlen + head_dim)
@@ -100,6 +122,8 @@ def bench_one(provider, batch, seqlen, nheads, head_dim, causal, dtype, device):
         return row
     finally:
         torch.cuda.empty_cache()
+    if provider == "flashlm":
+        row["configs"] = best_configs()
     for mode, ms in (("fwd", ms_fwd), ("bwd", ms_bwd), ("fwd_bwd", ms_all)):
         row[f"{mode}_ms"] = ms
         row[f"{mode}_tflops"] = attention_flops(batch, nheads, seqlen, head_dim, causal, mode) / (ms * 1e-3) / 1e12
@@ -191,6 +215,10 @@ def main(args):
         sys.exit("bench_attention.py needs a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
     env = environment()
+    if args.commit:
+        env["git_commit"] = args.commit
+    if args.explore:
+        explore_configs()
     results = []
     for head_dim in args.head_dims:
         nheads = args.hidden // head_dim
@@ -208,6 +236,8 @@ def main(args):
                           + (row.get("error") or f"fwd {row['fwd_tflops']:.0f} bwd {row['bwd_tflops']:.0f} "
                              f"fwd+bwd {row['fwd_bwd_tflops']:.0f} TFLOP/s, {row['peak_mem_gib']:.2f} GiB"),
                           flush=True)
+                    if "configs" in row:
+                        print("   configs:", row["configs"], flush=True)
                 results.append({"head_dim": head_dim, "causal": causal, "seqlen": seqlen,
                                 "batch": batch, "nheads": nheads, "rows": rows})
                 with open(os.path.join(args.out, "attention.json"), "w") as f:
@@ -230,6 +260,9 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=16384, help="B*S for S below this")
     p.add_argument("--flex-max-seqlen", type=int, default=16384,
                    help="FlexAttention compiles per shape; skip it above this length")
+    p.add_argument("--commit", help="git commit to record when the checkout has no .git")
+    p.add_argument("--explore", action="store_true",
+                   help="autotune over wide config lists and record the winners")
     return p.parse_args(argv)
 
 
