@@ -128,8 +128,6 @@ def _check(ok, field, value, why):
         raise DataError(f"{field}={value!r}: {why}")
 
 
-
-
 def load_tokenizer(spec: str):
     """Load a Hugging Face fast tokenizer from a ``tokenizer.json`` file, a tokenizer folder
     (``save_pretrained`` layout) or a hub name. Returns a ``PreTrainedTokenizerFast``; raises
@@ -192,8 +190,6 @@ def _tokenize_fn(tokenizer, text_field):
         return {"input_ids": [x if x and x[-1] == eos else x + [eos] for x in ids]}
 
     return tokenize
-
-
 
 
 @dataclass
@@ -295,8 +291,6 @@ def load_or_tokenize(cfg: DataConfig, tokenizer) -> tuple[TokenizedDocs, bool, P
     return docs, False, entry
 
 
-
-
 @dataclass
 class PackedSplit:
     """Blocks of one split: ``blocks[i]`` is a row of token ids, ``starts[i, j]`` is True
@@ -374,8 +368,6 @@ def prepare_data(cfg: DataConfig, tokenizer, seq_len: int):
                         f"less than one block of seq_len={seq_len}")
     evals = pack(docs, eval_idx, seq_len) if len(eval_idx) else None
     return PackedData(cfg, seq_len, tokenizer.eos_token_id, train, evals, from_cache, entry)
-
-
 
 
 def make_batch(blocks: np.ndarray, starts: np.ndarray) -> dict[str, Any]:
@@ -491,8 +483,6 @@ def build_eval_loader(data, *, batch_size: int, rank: int = 0, world_size: int =
     return EvalLoader(data.eval, batch_size=batch_size, rank=rank, world_size=world_size)
 
 
-
-
 class StreamingData:
     """A corpus read lazily through ``datasets`` streaming and tokenized on the fly.
 
@@ -592,8 +582,6 @@ class StreamingTrainLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         _check_same(state, self.state_dict(), ("seed", "batch_size", "world_size", "shuffle_buffer"))
         self.batch, self._blocks = int(state["batch"]), None
-
-
 
 
 def unigram_entropy(data, max_tokens: int | None = None) -> float:

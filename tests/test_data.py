@@ -186,7 +186,6 @@ def test_held_out_split_is_disjoint_by_document(tok, tmp_path):
     docs = make_docs(seed=3, n=50, max_words=30)
     path = write_jsonl(tmp_path / "c.jsonl", docs)
     data = prepare_data(config(path, tmp_path, eval_fraction=0.2, seed=1), tok, seq_len=16)
-    # Pack with a huge seq_len would drop everything; instead decode complete documents.
     train, evals = set(decoded_docs(data.train, tok)), set(decoded_docs(data.eval, tok))
     assert not train & evals
     assert data.eval.n_docs == 10 and data.train.n_docs == 40
