@@ -1,0 +1,378 @@
+"""The flashlm model: a Llama-architecture decoder that runs its attention on flashlm's kernel.
+
+Pre-norm blocks of RMSNorm -> grouped-query attention with rotary embeddings -> RMSNorm ->
+SwiGLU MLP, then a final RMSNorm and an LM head (tied to the embedding or not). The numerics
+follow transformers' ``LlamaForCausalLM`` (RMSNorm in fp32, RoPE in transformers' half-rotation
+layout with cos/sin in fp32), so Hugging Face checkpoints load without any permutation and the
+logits match.
+
+Activations keep one layout end to end: (batch, seqlen, heads, head_dim), the flash kernel's.
+"""
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from flashlm.config import GPTConfig
+from flashlm.kernels.attention import flash_attn_func
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back, like transformers' ``LlamaRMSNorm``."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_frequencies(config):
+    """Rotary inverse frequencies and the cos/sin scale for ``config``'s RoPE and scaling.
+
+    Returns:
+        inv_freq: (head_dim // 2,) fp32.
+        attention_scaling: float that multiplies cos and sin (1.0 except for yarn).
+    """
+    dim, base = config.head_dim, config.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (base ** exponents)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq, 1.0
+    rope_type, factor = scaling["rope_type"], scaling["factor"]
+    if rope_type == "linear":
+        return inv_freq / factor, 1.0
+    if rope_type == "llama3":
+        return _llama3_frequencies(inv_freq, scaling), 1.0
+    return _yarn_frequencies(config, scaling)
+
+
+def _llama3_frequencies(inv_freq, scaling):
+    # Llama 3.1: long wavelengths are divided by the factor, short ones kept, and the band in
+    # between interpolated smoothly.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_frequencies(config, scaling):
+    # YaRN (arXiv 2309.00071): interpolate the low frequencies, extrapolate the high ones with a
+    # linear ramp between, and scale cos/sin by an attention temperature.
+    dim, base, factor = config.head_dim, config.rope_theta, scaling["factor"]
+    old_len = scaling.get("original_max_position_embeddings", config.max_position_embeddings)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_scaling = scaling.get("attention_factor")
+    if attention_scaling is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_scaling = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations):
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, attention_scaling
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the positions given, in fp32."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        inv_freq, self.attention_scaling = rope_frequencies(self.config)
+        with torch.no_grad():
+            self.inv_freq.copy_(inv_freq)
+
+    def forward(self, position_ids):
+        """position_ids (batch or 1, seqlen) -> cos, sin: (batch or 1, seqlen, 1, head_dim // 2) fp32."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        return (freqs.cos() * self.attention_scaling)[:, :, None], (freqs.sin() * self.attention_scaling)[:, :, None]
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate (batch, seqlen, heads, head_dim) by RoPE in the half-rotation layout, in fp32."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def attention(q, k, v, backend):
+    """Causal attention over (batch, seqlen, heads, head_dim) q and (batch, seqlen, kv_heads, head_dim) k, v.
+
+    ``backend`` is "flash", "sdpa" or "eager"; the output has q's shape and dtype.
+    """
+    if backend == "flash":
+        return flash_attn_func(q, k, v, causal=True)
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2)
+    # Materializes (batch, heads, seqlen, seqlen) scores: the reference, and the memory baseline.
+    batch, seqlen, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.view(batch, seqlen, kv_heads, heads // kv_heads, head_dim)
+    scores = torch.einsum("bqhgd,bkhd->bhgqk", q, k) * head_dim**-0.5
+    future = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1)
+    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(batch, seqlen, heads, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, backend):
+        batch, seqlen, _ = x.shape
+        q = self.q_proj(x).view(batch, seqlen, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
+        out = attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, backend)
+        return self.o_proj(out.reshape(batch, seqlen, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, backend):
+        x = x + self.attn(self.attn_norm(x), cos, sin, backend)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def _cross_entropy_chunks(hidden, weight, targets, chunk_size, with_grads):
+    """Sum of token cross-entropies of ``hidden @ weight.T``, ``chunk_size`` rows of logits at a time.
+
+    With ``with_grads``, also the gradients of the mean loss with respect to ``hidden`` and
+    ``weight``, computed while each chunk's logits exist so that none are kept for backward.
+    """
+    valid = targets != IGNORE_INDEX
+    count = valid.sum().clamp(min=1)
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if with_grads else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads else None
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t, ok = hidden[start:start + chunk_size], targets[start:start + chunk_size], valid[start:start + chunk_size]
+        logits = (h @ weight.T).float()
+        lse = logits.logsumexp(dim=-1)
+        target_logit = logits.gather(1, t.clamp(min=0)[:, None])[:, 0]
+        loss += ((lse - target_logit) * ok).sum()
+        if with_grads:
+            grad = torch.exp(logits - lse[:, None])
+            grad[torch.arange(len(t), device=t.device), t.clamp(min=0)] -= 1
+            grad = (grad * (ok[:, None] / count)).to(h.dtype)
+            grad_hidden[start:start + chunk_size] = grad @ weight
+            grad_weight += (grad.T @ h).float()
+    return loss / count, grad_hidden, grad_weight
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        loss, grad_hidden, grad_weight = _cross_entropy_chunks(hidden, weight, targets, chunk_size, True)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+def chunked_linear_cross_entropy(hidden, weight, targets, chunk_size):
+    """Mean cross-entropy of the logits ``hidden @ weight.T`` without materializing them.
+
+    Args:
+        hidden: (tokens, hidden_size).
+        weight: (vocab, hidden_size), the LM head.
+        targets: (tokens,) int64, ``IGNORE_INDEX`` (-100) for tokens without a loss.
+        chunk_size: tokens per chunk; peak extra memory is about chunk_size x vocab fp32 values.
+
+    Returns:
+        A scalar fp32 loss: the sum over valid tokens divided by their count (0 if none).
+    """
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+    return _cross_entropy_chunks(hidden, weight, targets, chunk_size, False)[0]
+
+
+@dataclass
+class GPTOutput:
+    """``logits``: (batch, seqlen, vocab), None when the loss came from the chunked path;
+    ``loss``: scalar fp32 mean next-token cross-entropy, None without labels."""
+
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+
+
+class GPT(nn.Module):
+    """A Llama-architecture causal language model; see ``GPTConfig`` for its fields."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rope = RotaryEmbedding(config)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self._logged_backends = set()
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    def reset_parameters(self):
+        """Initialization for training from scratch: normal(0, initializer_range) weights, with the
+        projections that write into the residual stream (o_proj, down_proj) scaled down by
+        sqrt(2 * num_hidden_layers) so the residual variance does not grow with depth."""
+        std = self.config.initializer_range
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_residual = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        self.rope.reset_parameters()
+
+    def attn_backend(self, device):
+        """The attention backend used for inputs on ``device`` ("auto" resolved)."""
+        backend = self.config.attn_backend
+        if backend == "auto":
+            backend = "flash" if device.type == "cuda" else "sdpa"
+            if device.type not in self._logged_backends:
+                self._logged_backends.add(device.type)
+                logger.info("attn_backend=auto: using %s attention for %s inputs", backend, device.type)
+        return backend
+
+    def forward(self, input_ids, labels=None, position_ids=None):
+        """Next-token logits and, with labels, the loss.
+
+        Args:
+            input_ids: (batch, seqlen) int64.
+            labels: optional (batch, seqlen) int64 aligned with input_ids as in transformers: the
+                loss at position t predicts labels[t + 1] from tokens up to t; -100 is ignored.
+            position_ids: optional (batch, seqlen) or (1, seqlen) RoPE positions (default 0..seqlen-1);
+                packed documents may restart them. They only move RoPE: attention stays causal over
+                the whole row.
+
+        Returns:
+            GPTOutput with logits (batch, seqlen, vocab) in the activation dtype and loss (fp32).
+            With labels and ``config.loss_chunk_size > 0`` the logits are None.
+        """
+        seqlen = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(seqlen, device=input_ids.device)[None]
+        cos, sin = self.rope(position_ids)
+        backend = self.attn_backend(input_ids.device)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, backend, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, backend)
+        x = self.norm(x)
+        if labels is None:
+            return GPTOutput(logits=self.lm_head(x))
+        targets = labels[:, 1:].reshape(-1)
+        if self.config.loss_chunk_size > 0:
+            hidden = x[:, :-1].reshape(-1, x.shape[-1])
+            loss = chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.loss_chunk_size)
+            return GPTOutput(logits=None, loss=loss)
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets,
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return GPTOutput(logits=logits, loss=loss / (targets != IGNORE_INDEX).sum().clamp(min=1))
+
+    def num_params(self, exclude_embeddings=False):
+        """Parameter count, shared (tied) tensors once; ``exclude_embeddings`` leaves out the token
+        embedding table (and so a tied LM head)."""
+        count = sum(p.numel() for p in self.parameters())
+        return count - self.embed.weight.numel() if exclude_embeddings else count
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs (forward + backward) per token at context ``seq_len``, for MFU.
+
+        6 * N for the matmul weights N (every linear layer and the LM head; the embedding lookup
+        and norms do no matmul FLOPs), plus causal attention's score and value products:
+        forward 2 * 2 * L * H * D * seq_len / 2 per token (QK^T and PV, half of them masked),
+        tripled for forward + backward: 6 * L * H * D * seq_len. Recomputation (gradient
+        checkpointing, flash's backward) is not counted.
+        """
+        c = self.config
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        attention = 6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+        return 6 * matmul_params + attention
+
+    def save_pretrained(self, save_directory, tokenizer=None, **kwargs):
+        """Write a Hugging Face ``LlamaForCausalLM`` directory; see ``flashlm.hf.save_pretrained``."""
+        from flashlm.hf import save_pretrained
+
+        return save_pretrained(self, save_directory, tokenizer=tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory, **config_overrides):
+        """Load a local Hugging Face Llama checkpoint directory; see ``flashlm.hf.load_pretrained``.
+
+        ``config_overrides`` replace GPTConfig fields (e.g. ``attn_backend="flash"``).
+        """
+        from flashlm.hf import load_pretrained
+
+        return load_pretrained(directory, **config_overrides)
