@@ -238,10 +238,15 @@ def test_long_sequences_gpu(seqlen, causal):
     q, k, v, dout = _inputs(seqlen, 1, seqlen, seqlen, 4, 2, 128, torch.bfloat16)
 
     def sdpa(dtype):
+        # Memory-efficient (fp32) and flash (bf16) SDPA: neither materializes S x S.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = SDPBackend.EFFICIENT_ATTENTION if dtype == torch.float32 else SDPBackend.FLASH_ATTENTION
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        qt, kt, vt = (t.transpose(1, 2) for t in leaves)
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=True)
-        out = out.transpose(1, 2)
+        group = q.shape[2] // k.shape[2]
+        qt = leaves[0].transpose(1, 2)
+        kt, vt = (t.repeat_interleave(group, dim=2).transpose(1, 2) for t in leaves[1:])
+        with sdpa_kernel([backend]):
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
         return (out.detach(), *torch.autograd.grad(out, leaves, dout.to(dtype)))
 
     ref = sdpa(torch.float32)
