@@ -37,9 +37,9 @@ class CheckpointManager:
 
     Writing a checkpoint is two calls so that every process can write its part in between::
 
-        tmp = manager.staging_dir(step)           # main process: a fresh, empty directory
-        accelerator.save_state(tmp)               # every process
-        manager.commit(step, trainer_state, ...)  # main process: our files, rename, prune
+        manager.clear_staging(step)                               # main process
+        accelerator.save_state(manager.staging_path(step))        # every process
+        manager.commit(step, trainer_state, recipe, model_config)  # main process: rename, prune
     """
 
     def __init__(self, root: str | Path, keep_last: int):
@@ -64,9 +64,13 @@ class CheckpointManager:
     def path(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
 
-    def staging_dir(self, step: int) -> Path:
-        """An empty temporary directory for the checkpoint of ``step`` (left over ones are replaced)."""
-        tmp = self.root / f".step_{step:08d}.tmp"
+    def staging_path(self, step: int) -> Path:
+        """The temporary directory the checkpoint of ``step`` is written into before ``commit``."""
+        return self.root / f".step_{step:08d}.tmp"
+
+    def clear_staging(self, step: int) -> Path:
+        """Create an empty staging directory for ``step``, replacing one a killed save left behind."""
+        tmp = self.staging_path(step)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -74,7 +78,7 @@ class CheckpointManager:
 
     def commit(self, step: int, trainer_state: dict[str, Any], recipe: dict[str, Any], model_config: dict[str, Any]) -> Path:
         """Write our files into the staging directory, rename it into place, prune old ones."""
-        tmp = self.root / f".step_{step:08d}.tmp"
+        tmp = self.staging_path(step)
         (tmp / RECIPE).write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
         _write_json(tmp / MODEL_CONFIG, model_config)
         # Written last: its presence is what makes a directory a complete checkpoint.

@@ -298,7 +298,7 @@ def _section_classes() -> dict[str, type]:
 def _model_keys() -> list[str]:
     from flashlm.config import GPTConfig
 
-    return ["preset"] + [f.name for f in dataclasses.fields(GPTConfig)]
+    return ["preset"] + [f.name for f in dataclasses.fields(GPTConfig) if f.init]
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -334,7 +334,7 @@ def _build_model(raw: dict[str, Any], prefix: str) -> ModelRecipe:
 
     raw = dict(raw)
     preset = raw.pop("preset", None)
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    fields = {f.name for f in dataclasses.fields(GPTConfig) if f.init}
     hints = typing.get_type_hints(GPTConfig)
     overrides = {}
     for key, value in raw.items():
