@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import DEVICE
 from flashlm import GPT, GPTConfig
 from flashlm.model import chunked_linear_cross_entropy
 
@@ -99,8 +100,8 @@ def test_unknown_keys_and_presets_are_errors():
 def test_backends_agree_forward_and_backward():
     """flash (Triton interpreter on CPU) and sdpa against eager, the materialized reference, in fp32."""
     torch.manual_seed(0)
-    model = GPT(tiny(num_attention_heads=4, num_key_value_heads=1))
-    input_ids = torch.randint(0, 96, (2, 37))
+    model = GPT(tiny(num_attention_heads=4, num_key_value_heads=1)).to(DEVICE)
+    input_ids = torch.randint(0, 96, (2, 37), device=DEVICE)
     results = {}
     for backend in ("eager", "sdpa", "flash"):
         model.config.attn_backend = backend
@@ -121,8 +122,8 @@ def test_short_training_run_matches_reference_attention():
     losses = {}
     for backend in ("eager", "flash"):
         torch.manual_seed(0)
-        model = GPT(tiny(num_hidden_layers=1, attn_backend=backend))
-        batch = torch.randint(0, 96, (2, 24))
+        model = GPT(tiny(num_hidden_layers=1, attn_backend=backend)).to(DEVICE)
+        batch = torch.randint(0, 96, (2, 24), device=DEVICE)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         losses[backend] = []
         for _ in range(4):
