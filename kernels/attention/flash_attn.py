@@ -411,34 +411,34 @@ def _seq_bucket(seqlen):
 
 
 def _configs(kind):
-    """Short autotune lists for Hopper-class GPUs, one per kernel.
+    """Short autotune lists, one per kernel, chosen on an H100 (triton 3.6) by a wide sweep
+    (`scripts/bench_attention.py --explore`; winners recorded in kernels/attention/NOTES.md).
 
-    Forward: wide query tiles amortize the Q load; BLOCK_N 64 or 128 trades register pressure
-    against loop overhead. Backward dK/dV: wide key tiles, narrow query steps (the five
-    accumulating products keep dK and dV in registers). dQ: the mirror image. Large head dims
-    are pruned to the smaller tiles by `_prune`, since they would not fit in shared memory.
+    Forward: 128x128 tiles with 8 warps win at head dim 128; 128x64 with 4 warps wins at the
+    longest causal lengths. Backward dK/dV: 64-row query steps over 128-key tiles (causal) or
+    64x64 (non-causal). dQ: the mirror image. The 64x64 and smaller entries are the fallbacks
+    that `_prune` keeps for head dim 256 and fp32, where the large tiles do not fit.
     """
     c = triton.Config
     if kind == "fwd":
         return [
-            c({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-            c({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
             c({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+            c({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+            c({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
             c({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-            c({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
         ]
     if kind == "dkdv":
         return [
+            c({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+            c({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
             c({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
-            c({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
             c({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-            c({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=2),
         ]
     return [  # dq
+        c({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        c({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
         c({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-        c({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
         c({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-        c({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=2),
     ]
 
 
