@@ -283,7 +283,6 @@ def load_pretrained(directory, **overrides):
                 raise UnsupportedCheckpointError(f"{directory}: tensor {theirs} has dtype {tensor.dtype}; "
                                                  "flashlm loads floating-point weights only")
             param.copy_(tensor)
-    model.rope.reset_parameters()
     return model
 
 

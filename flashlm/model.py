@@ -107,22 +107,24 @@ def _yarn_frequencies(config, scaling):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for the positions given, in fp32."""
+    """cos/sin tables for the positions given, in fp32.
+
+    The frequencies are a plain fp32 tensor, not a buffer, so that ``model.to(torch.bfloat16)``
+    cannot round them; a copy is kept per device.
+    """
 
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        inv_freq, self.attention_scaling = rope_frequencies(self.config)
-        with torch.no_grad():
-            self.inv_freq.copy_(inv_freq)
+        with torch.device("cpu"):  # real values even when the model is built on the meta device
+            self.inv_freq, self.attention_scaling = rope_frequencies(config)
+        self._inv_freq_on = {}
 
     def forward(self, position_ids):
         """position_ids (batch or 1, seqlen) -> cos, sin: (batch or 1, seqlen, 1, head_dim // 2) fp32."""
-        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        device = position_ids.device
+        if device not in self._inv_freq_on:
+            self._inv_freq_on[device] = self.inv_freq.to(device)
+        freqs = position_ids[..., None].float() * self._inv_freq_on[device]
         return (freqs.cos() * self.attention_scaling)[:, :, None], (freqs.sin() * self.attention_scaling)[:, :, None]
 
 
@@ -290,7 +292,6 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-        self.rope.reset_parameters()
 
     def attn_backend(self, device):
         """The attention backend used for inputs on ``device`` ("auto" resolved)."""

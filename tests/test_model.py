@@ -228,6 +228,18 @@ def test_position_ids_are_relative_and_restartable():
     assert (restarted[:, 6:] - default[:, 6:]).abs().max() > 1e-3
 
 
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
+    torch.manual_seed(0)
+    model = GPT(tiny(attn_backend="sdpa", rope_theta=500000.0))
+    input_ids = torch.randint(0, 96, (1, 12))
+    cos, sin = model.rope(torch.arange(12)[None])
+    model = model.to(torch.bfloat16)
+    cos_bf16, sin_bf16 = model.rope(torch.arange(12)[None])
+    assert cos_bf16.dtype == torch.float32
+    torch.testing.assert_close((cos_bf16, sin_bf16), (cos, sin), rtol=0, atol=0)
+    assert model(input_ids).logits.dtype == torch.bfloat16
+
+
 def test_scaled_initialization():
     torch.manual_seed(0)
     c = GPTConfig.from_preset("debug", tie_word_embeddings=False)
