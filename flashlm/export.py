@@ -9,13 +9,11 @@ or a Hugging Face Llama directory (to re-shard it, change its dtype or push it):
 """
 
 import argparse
-import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,5 +96,13 @@ def cli(argv):
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the directory to this Hub repository")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
     args = parser.parse_args(argv)
-    main(ExportConfig(**vars(args)))
+    try:
+        main(ExportConfig(**vars(args)))
+    except (OSError, ValueError, RuntimeError) as e:  # bad source, unsupported checkpoint, offline Hub
+        print(f"flashlm export: error: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

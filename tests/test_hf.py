@@ -219,6 +219,25 @@ def test_export_command_from_training_checkpoint(tmp_path):
     torch.testing.assert_close(logits_of(hf, input_ids), logits_of(model.eval(), input_ids), rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def gpt2_dir(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    return tmp_path / "gpt2"
+
+
+def test_export_command_reports_bad_sources(tmp_path, gpt2_dir, capsys):
+    from flashlm.cli import main
+
+    capsys.readouterr()
+    for source, message in ((tmp_path / "nowhere", "does not exist"), (gpt2_dir, "model_type='gpt2'")):
+        assert main(["export", str(source), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("flashlm export: error: ") and message in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_push_to_hub_offline_is_a_clear_error(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
@@ -247,10 +266,9 @@ def edit_config(directory, **changes):
     (directory / "config.json").write_text(json.dumps(config))
 
 
-def test_non_llama_checkpoint_is_refused(tmp_path):
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+def test_non_llama_checkpoint_is_refused(gpt2_dir):
     with pytest.raises(UnsupportedCheckpointError, match="model_type='gpt2'"):
-        GPT.from_pretrained(tmp_path)
+        GPT.from_pretrained(gpt2_dir)
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -188,6 +188,27 @@ def test_chunked_loss_matches_full_loss_and_gradients(chunk):
             assert max_rel_diff(g_chunked[name], g_full[name]) < 1e-5, (name, tied)
 
 
+def test_chunked_loss_under_bf16_autocast():
+    """Under autocast (how training runs), the chunked path's error against an fp32 run is no
+    worse than twice the full path's."""
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 96, (2, 33))
+    runs = {}
+    for chunk_size, autocast in ((0, False), (0, True), (8, True)):
+        torch.manual_seed(1)
+        model = GPT(tiny(attn_backend="sdpa", loss_chunk_size=chunk_size))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        runs[chunk_size, autocast] = loss.detach(), grads(model)
+    ref_loss, ref_grads = runs[0, False]
+    (full_loss, full_grads), (chunked_loss, chunked_grads) = runs[0, True], runs[8, True]
+    assert (chunked_loss - ref_loss).abs() <= 2 * (full_loss - ref_loss).abs() + 1e-6
+    for name in ref_grads:
+        full_err = (full_grads[name] - ref_grads[name]).norm()
+        assert (chunked_grads[name] - ref_grads[name]).norm() <= 2 * full_err + 1e-6 * ref_grads[name].norm(), name
+
+
 def test_chunked_loss_without_grad_and_with_all_tokens_ignored():
     torch.manual_seed(0)
     hidden, weight = torch.randn(10, 16), torch.randn(40, 16)
