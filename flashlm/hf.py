@@ -75,12 +75,13 @@ class UnsupportedCheckpointError(ValueError):
 def hf_names(config):
     """(flashlm name, transformers name) for every tensor of ``config``'s checkpoint; a tied LM
     head is stored once, as the embedding."""
-    pairs = []
-    for ours, theirs in HF_NAME_MAP.items():
-        if ours == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        layers = range(config.num_hidden_layers) if "{i}" in ours else [None]
-        pairs += [(ours.format(i=i), theirs.format(i=i)) for i in layers]
+    per_layer = [(ours, theirs) for ours, theirs in HF_NAME_MAP.items() if "{i}" in ours]
+    pairs = [("embed.weight", HF_NAME_MAP["embed.weight"])]
+    for i in range(config.num_hidden_layers):  # layer by layer, so that a shard holds whole layers
+        pairs += [(ours.format(i=i), theirs.format(i=i)) for ours, theirs in per_layer]
+    pairs.append(("norm.weight", HF_NAME_MAP["norm.weight"]))
+    if not config.tie_word_embeddings:
+        pairs.append(("lm_head.weight", HF_NAME_MAP["lm_head.weight"]))
     return pairs
 
 
@@ -149,13 +150,21 @@ def from_hf_config(values, **overrides):
         logger.warning("config.json has attention_dropout=%s; flashlm has no attention dropout and ignores it",
                        get("attention_dropout"))
     rope_theta, rope_scaling = _rope_from_hf(values, get("max_position_embeddings"))
+    token_ids = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ids = get(key) if isinstance(get(key), list) else [get(key)]
+        if all(i is None or 0 <= i < get("vocab_size") for i in ids):
+            token_ids[key] = get(key)
+        else:  # e.g. pad_token_id=-1 in some older Llama configs
+            logger.warning("config.json has %s=%s outside the vocabulary; flashlm leaves it unset", key, get(key))
+            token_ids[key] = None
     fields = dict(
         vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), num_hidden_layers=get("num_hidden_layers"),
         num_attention_heads=heads, num_key_value_heads=get("num_key_value_heads") or heads,
         intermediate_size=get("intermediate_size"), rms_norm_eps=get("rms_norm_eps"), rope_theta=rope_theta,
         rope_scaling=rope_scaling, max_position_embeddings=get("max_position_embeddings"),
         tie_word_embeddings=get("tie_word_embeddings"), initializer_range=get("initializer_range"),
-        bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"), pad_token_id=get("pad_token_id"),
+        **token_ids,
     )
     return GPTConfig.from_dict({**fields, **overrides})
 
@@ -205,6 +214,13 @@ def save_pretrained(model, save_directory, tokenizer=None, dtype=None, max_shard
     dtype = dtype or model.embed.weight.dtype
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"dtype={dtype} is not supported for export; use one of {list(_DTYPE_NAMES)}")
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") == "yarn" and "original_max_position_embeddings" in scaling:
+        implied = config.max_position_embeddings / scaling["original_max_position_embeddings"]
+        if implied != scaling["factor"]:
+            logger.warning("yarn factor=%s differs from max_position_embeddings / original_max_position_embeddings = "
+                           "%s, which transformers v4 uses instead: v4 and v5 will compute different RoPE",
+                           scaling["factor"], implied)
     params = dict(model.named_parameters(remove_duplicate=False))
     tensors = {theirs: params[ours].detach().to(device="cpu", dtype=dtype).contiguous()
                for ours, theirs in hf_names(config)}

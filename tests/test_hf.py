@@ -127,6 +127,17 @@ def test_exported_config_carries_v4_and_v5_rope_keys():
 
 # --- export files, sharding, round trip -----------------------------------------------------
 
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_name_map_covers_every_parameter_once(tie):
+    from flashlm.hf import hf_names
+
+    config = tiny_config(tie_word_embeddings=tie)
+    pairs = hf_names(config)
+    assert sorted(ours for ours, _ in pairs) == sorted(dict(GPT(config).named_parameters()))
+    hf_params = dict(tiny_llama(tie=tie).named_parameters())  # transformers lists a tied head once, too
+    assert sorted(theirs for _, theirs in pairs) == sorted(hf_params)
+
+
 def read_dir(path):
     files = sorted(p.name for p in Path(path).iterdir())
     tensors = {}
@@ -326,11 +337,16 @@ def test_missing_shard_is_named(tmp_path):
         GPT.from_pretrained(tmp_path)
 
 
-def test_from_hf_config_fills_llama_defaults():
-    config = from_hf_config({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
-                             "num_hidden_layers": 1, "intermediate_size": 96, "vocab_size": 96})
+def test_from_hf_config_fills_llama_defaults_and_reads_token_ids():
+    minimal = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+               "intermediate_size": 96, "vocab_size": 96}
+    config = from_hf_config(minimal)
     assert config.num_key_value_heads == 4 and config.rope_theta == 10000.0 and config.rms_norm_eps == 1e-6
     assert config.rope_scaling is None and not config.tie_word_embeddings
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, None)
+    config = from_hf_config({**minimal, "eos_token_id": [2, 5], "pad_token_id": -1})
+    assert config.eos_token_id == [2, 5] and config.pad_token_id is None
+    assert to_hf_config(config)["eos_token_id"] == [2, 5]
 
 
 # --- flashlm's kernel inside transformers ---------------------------------------------------
