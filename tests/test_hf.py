@@ -5,6 +5,8 @@ clear errors for checkpoints flashlm cannot load.
 """
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -350,6 +352,14 @@ def test_from_hf_config_fills_llama_defaults_and_reads_token_ids():
 
 
 # --- flashlm's kernel inside transformers ---------------------------------------------------
+
+def test_import_is_light_and_reading_the_name_registers():
+    """`import flashlm` does not import transformers; reading HF_ATTN_IMPLEMENTATION registers the kernel."""
+    code = ("import sys, flashlm; assert 'transformers' not in sys.modules; name = flashlm.HF_ATTN_IMPLEMENTATION; "
+            "from transformers import AttentionInterface; from transformers.masking_utils import AttentionMaskInterface; "
+            "assert name in AttentionInterface._global_mapping and name in AttentionMaskInterface._global_mapping")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
 
 def test_registered_attention_name_avoids_flash():
     name = flashlm.HF_ATTN_IMPLEMENTATION
