@@ -244,7 +244,7 @@ def chunked_linear_cross_entropy(hidden, weight, targets, chunk_size):
         hidden: (tokens, hidden_size).
         weight: (vocab, hidden_size), the LM head.
         targets: (tokens,) int64, ``IGNORE_INDEX`` (-100) for tokens without a loss.
-        chunk_size: tokens per chunk; peak extra memory is about chunk_size x vocab fp32 values.
+        chunk_size: tokens per chunk; the extra memory is a few (chunk_size, vocab) fp32 buffers.
 
     Returns:
         A scalar fp32 loss: the sum over valid tokens divided by their count (0 if none).
