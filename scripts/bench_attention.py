@@ -48,7 +48,13 @@ def make_attention(provider, causal, seqlen, device):
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
             return out.transpose(1, 2)
         return run
+    import torch._dynamo
+    import torch._functorch.config
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    # One compiled graph per shape: raise the recompile limit so Dynamo never falls back to the
+    # eager (materializing) flex_attention, and allow retain_graph for the backward timing.
+    torch._dynamo.config.cache_size_limit = 256
+    torch._functorch.config.donated_buffer = False
     flex = torch.compile(flex_attention, dynamic=False)
     block_mask = None
     if causal:
@@ -210,7 +216,39 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
+def merge(paths):
+    """Combine the rows of several runs' JSON, keyed by (head_dim, causal, seqlen, provider);
+    later files win. Used when a sweep is split over several device calls."""
+    env, shapes = None, {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        env = env or data["env"]
+        for shape in data["results"]:
+            key = (shape["head_dim"], shape["causal"], shape["seqlen"])
+            entry = shapes.setdefault(key, dict(shape, rows=[]))
+            rows = {r["provider"]: r for r in entry["rows"]}
+            rows.update({r["provider"]: r for r in shape["rows"]})
+            entry["rows"] = [rows[p] for p in PROVIDERS if p in rows]
+    order = sorted(shapes, key=lambda k: (-k[0], not k[1], k[2]))
+    return env, [shapes[k] for k in order]
+
+
+def write_outputs(out, env, results):
+    with open(os.path.join(out, "attention.json"), "w") as f:
+        json.dump({"env": env, "results": results}, f, indent=1)
+    table = markdown(results, env)
+    with open(os.path.join(out, "attention.md"), "w") as f:
+        f.write(table)
+    plot(results, os.path.join(out, "attention.png"))
+    return table
+
+
 def main(args):
+    if args.merge:
+        os.makedirs(args.out, exist_ok=True)
+        print(write_outputs(args.out, *merge(args.merge)))
+        return
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
@@ -242,11 +280,7 @@ def main(args):
                                 "batch": batch, "nheads": nheads, "rows": rows})
                 with open(os.path.join(args.out, "attention.json"), "w") as f:
                     json.dump({"env": env, "results": results}, f, indent=1)
-    table = markdown(results, env)
-    with open(os.path.join(args.out, "attention.md"), "w") as f:
-        f.write(table)
-    plot(results, os.path.join(args.out, "attention.png"))
-    print(table)
+    print(write_outputs(args.out, env, results))
 
 
 def parse_args(argv=None):
@@ -260,6 +294,8 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=16384, help="B*S for S below this")
     p.add_argument("--flex-max-seqlen", type=int, default=16384,
                    help="FlexAttention compiles per shape; skip it above this length")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="merge these runs' JSON files into --out instead of measuring")
     p.add_argument("--commit", help="git commit to record when the checkout has no .git")
     p.add_argument("--explore", action="store_true",
                    help="autotune over wide config lists and record the winners")
