@@ -191,6 +191,7 @@ def setup(cfg: Recipe) -> Run:
         unigram = flashlm_data.unigram_entropy(data)
     except (ValueError, OSError) as e:
         raise StartError(str(e)) from e
+    model.to(accelerator.device)  # before the optimizer, so fused AdamW sees device parameters
     optimizer = build_optimizer(model, cfg, fused=accelerator.device.type == "cuda")
     model, optimizer = accelerator.prepare(model, optimizer)
     return Run(cfg, accelerator, model, optimizer, tokenizer, data, train_loader, checkpoints, resume_from, unigram)
@@ -239,6 +240,9 @@ def main(cfg: Recipe) -> dict[str, Any]:
         state = read_json(run.resume_from / TRAINER_STATE)
         step, tokens_seen = state["step"], state["tokens_seen"]
         train_loader.load_state_dict(state["data"])
+        before = read_recipe(run.resume_from)["training"]["steps"]
+        if before != t.steps:
+            accelerator.print(f"training.steps changed from {before} to {t.steps}: the schedule now spans {t.steps} steps")
 
     # Inputs are valid: from here on the run writes into its output directory.
     metrics = None
@@ -287,7 +291,7 @@ def main(cfg: Recipe) -> dict[str, Any]:
         accelerator.wait_for_everyone()
 
     progress = _progress_bar(cfg, accelerator, initial=step, total=last_step)
-    eval_loss, train_loss = None, None
+    eval_loss, train_loss = None, None  # the summary reports the last of each
     resumed_at = step if run.resume_from is not None else None
     window_start, window_tokens = time.perf_counter(), 0
     while step < last_step:
@@ -352,7 +356,7 @@ def main(cfg: Recipe) -> dict[str, Any]:
         "unigram_entropy": run.unigram_entropy, "wall_time_s": time.perf_counter() - start_time,
         "output_dir": str(out), "export_dir": None if export_dir is None else str(export_dir),
     }
-    if eval_loss is not None:
+    if step == t.steps:
         accelerator.print(
             f"final eval loss {eval_loss:.3f} nats/token vs unigram entropy of the corpus "
             f"{run.unigram_entropy:.3f} nats/token ({summary['wall_time_s']:.0f} s)"
