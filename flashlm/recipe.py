@@ -207,8 +207,9 @@ class Recipe:
 
 # Fields that steer a run without changing its trajectory: a resumed run may change them.
 RUN_CONTROL_KEYS = (
-    "output_dir", "resume", "logging", "export", "training.steps", "training.stop_at_step",
-    "training.eval_every", "training.eval_batches", "training.ckpt_every", "training.keep_last",
+    "output_dir", "resume", "logging", "export", "data.cache_dir", "data.num_proc", "training.steps",
+    "training.stop_at_step", "training.eval_every", "training.eval_batches", "training.ckpt_every",
+    "training.keep_last",
 )
 
 

@@ -8,10 +8,12 @@
 context length, output directory, tokenizer, data) and raises ``StartError`` before it
 writes anything, so a failed start never touches an existing run. Then it trains:
 
-    every step:  evaluate (every ``eval_every`` steps) -> ``grad_accum_steps`` micro-steps of
-                 forward/backward -> clip the global grad norm -> AdamW step -> log loss, lr,
-                 tokens/s, MFU and peak memory -> checkpoint (every ``ckpt_every`` steps)
-    at the end:  evaluate, checkpoint, and export to a Hugging Face directory if asked.
+    at step 0:   evaluate (the untrained baseline)
+    every step:  ``grad_accum_steps`` micro-steps of forward/backward -> clip the global grad
+                 norm -> AdamW step -> log loss, lr, tokens/s, MFU and peak memory ->
+                 evaluate (every ``eval_every`` steps and at the end) -> checkpoint (every
+                 ``ckpt_every`` steps and at the end)
+    at the end:  export to a Hugging Face directory if the recipe asks.
 
 Metrics always go to ``<output_dir>/metrics.jsonl`` (one JSON object per line, keyed by
 ``step``); ``logging.trackers`` adds wandb and/or tensorboard. A resumed run continues
@@ -291,14 +293,10 @@ def main(cfg: Recipe) -> dict[str, Any]:
         accelerator.wait_for_everyone()
 
     progress = _progress_bar(cfg, accelerator, initial=step, total=last_step)
-    eval_loss, train_loss = None, None  # the summary reports the last of each
-    resumed_at = step if run.resume_from is not None else None
+    train_loss = None
+    eval_loss = run_eval() if step == 0 else None  # the untrained model's loss: ln(vocab) or so
     window_start, window_tokens = time.perf_counter(), 0
     while step < last_step:
-        if step != resumed_at and (step == 0 or (t.eval_every and step % t.eval_every == 0)):
-            eval_loss = run_eval()
-            window_start, window_tokens = time.perf_counter(), 0
-
         lr = lr_at(step, cfg.optim.lr, cfg.schedule, t.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -321,8 +319,7 @@ def main(cfg: Recipe) -> dict[str, Any]:
 
         if step % cfg.logging.log_every == 0 or step == last_step:
             train_loss = accelerator.reduce(loss_sum / t.grad_accum_steps, reduction="mean").item()
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / elapsed
+            tokens_per_s = window_tokens / (time.perf_counter() - window_start)
             mfu = flops_per_token * tokens_per_s / (peak * accelerator.num_processes) if peak else None
             log({
                 "step": step, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
@@ -331,15 +328,16 @@ def main(cfg: Recipe) -> dict[str, Any]:
             })
             progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             window_start, window_tokens = time.perf_counter(), 0
-
-        if t.ckpt_every and step % t.ckpt_every == 0 and step != last_step:
+        # Evaluate before saving, so a resumed run never owes its checkpoint's step an evaluation.
+        paused = time.perf_counter()
+        if step == t.steps or (t.eval_every and step % t.eval_every == 0):
+            eval_loss = run_eval()
+        if step == last_step or (t.ckpt_every and step % t.ckpt_every == 0):
             save_checkpoint()
-            window_start, window_tokens = time.perf_counter(), 0
+        window_start += time.perf_counter() - paused  # tokens/s counts training time only
     progress.close()
 
-    if step != resumed_at:
-        save_checkpoint()
-    if step == t.steps:
+    if eval_loss is None and step == t.steps:  # resumed a finished run: report its final loss
         eval_loss = run_eval()
     export_dir = None
     if cfg.export.enabled and step == t.steps:
