@@ -1,10 +1,10 @@
 """flashlm: small Llama-architecture language models trained at long context on Triton FlashAttention."""
 
 from flashlm.config import GPTConfig
-from flashlm.kernels.attention import flash_attn_func
+from flashlm.kernels.attention import flash_attn_func, flash_attn_varlen_func
 from flashlm.model import GPT
 
-__all__ = ["GPT", "GPTConfig", "HF_ATTN_IMPLEMENTATION", "flash_attn_func"]
+__all__ = ["GPT", "GPTConfig", "HF_ATTN_IMPLEMENTATION", "flash_attn_func", "flash_attn_varlen_func"]
 __version__ = "0.1.0"
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from flashlm import flash_attn_func
-from flashlm.kernels.attention import attention_reference
+from flashlm import flash_attn_func, flash_attn_varlen_func
+from flashlm.kernels.attention import attention_reference, varlen_attention_reference
 from flashlm.kernels.attention import flash_attn as fa
 
 ON_GPU = DEVICE == "cuda"
@@ -37,10 +37,10 @@ def _inputs(seed, batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dtype):
     return q, k, v, dout
 
 
-def _reference(q, k, v, dout, causal, dtype):
+def _reference(q, k, v, dout, causal, dtype, window=(-1, -1)):
     """(out, lse, dq, dk, dv) of attention_reference computed in ``dtype``."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out, lse = attention_reference(*leaves, causal=causal)
+    out, lse = attention_reference(*leaves, causal=causal, window_size=window)
     grads = torch.autograd.grad(out, leaves, dout.to(dtype))
     return (out.detach(), lse.detach(), *grads)
 
@@ -67,21 +67,21 @@ def _check(name, got, ref64, low, dtype, scale=None):
     assert err <= bound, f"{name}: max error {err:.3e} exceeds {bound:.3e} (scale {scale:.2e})"
 
 
-def _run_poisoned(q, k, v, dout, causal):
+def _run_poisoned(q, k, v, dout, causal, window=(-1, -1), cu_q=None, cu_k=None, max_q=0, max_k=0):
     """Forward and backward through the launchers, with every output buffer NaN-filled first."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    pb = fa._Problem(q, k, cu_q, max_q, max_k, 1.0 / math.sqrt(q.shape[-1]), causal, window)
     out = torch.full_like(q, float("nan"))
-    lse = torch.full(q.shape[:1] + q.shape[2:3] + q.shape[1:2], float("nan"), device=q.device)
-    out, lse = fa._flash_fwd_impl(q, k, v, scale, causal, out=out, lse=lse)
+    lse = torch.full(pb.lse_shape, float("nan"), device=q.device)
+    out, lse = fa._flash_fwd_impl(q, k, v, cu_q, cu_k, pb, out=out, lse=lse)
     grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
-    dq, dk, dv = fa._flash_bwd_impl(dout, q, k, v, out, lse, None, scale, causal, grads=grads)
+    dq, dk, dv = fa._flash_bwd_impl(dout, q, k, v, out, lse, None, cu_q, cu_k, pb, grads=grads)
     return out, lse, dq, dk, dv
 
 
-def _compare(q, k, v, dout, causal, dtype):
-    got = _run_poisoned(q, k, v, dout, causal)
-    ref64 = _reference(q, k, v, dout, causal, torch.float64)
-    low = _reference(q, k, v, dout, causal, dtype)
+def _compare(q, k, v, dout, causal, dtype, window=(-1, -1)):
+    got = _run_poisoned(q, k, v, dout, causal, window)
+    ref64 = _reference(q, k, v, dout, causal, torch.float64, window)
+    low = _reference(q, k, v, dout, causal, dtype, window)
     # A gradient that cancels to ~0 (dk with a single key) is judged on the scale of the
     # other gradients, since its rounding noise comes from terms of that size.
     grad_scale = max(_magnitude(r) for r in ref64[2:])
@@ -115,6 +115,118 @@ def test_head_dims(head_dim, causal, dtype):
 def test_gqa_ratios(ratio):
     q, k, v, dout = _inputs(ratio, 2, 63, 80, 8, 8 // ratio, 32, torch.float16)
     _compare(q, k, v, dout, True, torch.float16)
+
+
+WINDOWS = [((16, -1), True), ((0, 0), False), ((8, 8), False), ((40, 5), False),
+           ((-1, 7), False), ((70, -1), False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("seqlens", [(113, 113), (63, 150), (150, 63)],
+                         ids=lambda s: f"q{s[0]}-k{s[1]}")
+@pytest.mark.parametrize("window,causal", WINDOWS,
+                         ids=lambda w: f"w{w[0]}_{w[1]}" if isinstance(w, tuple) else
+                         ("causal" if w else "full"))
+def test_sliding_window(window, causal, seqlens, dtype):
+    q, k, v, dout = _inputs(sum(seqlens) + window[0], 1, *seqlens, 4, 2, 32, dtype)
+    _compare(q, k, v, dout, causal, dtype, window)
+
+
+def _varlen_inputs(seed, lens_q, lens_k, nheads, nheads_k, head_dim, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
+    def cu(lens):
+        return torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32,
+                            device=DEVICE)
+    total_q, total_k = sum(lens_q), sum(lens_k)
+    return (rnd(total_q, nheads, head_dim), rnd(total_k, nheads_k, head_dim),
+            rnd(total_k, nheads_k, head_dim), rnd(total_q, nheads, head_dim),
+            cu(lens_q), cu(lens_k))
+
+
+def _varlen_reference(q, k, v, dout, cu_q, cu_k, causal, window, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = varlen_attention_reference(*leaves, cu_q, cu_k, causal=causal, window_size=window)
+    return (out.detach(), lse.detach(), *torch.autograd.grad(out, leaves, dout.to(dtype)))
+
+
+DOCS = {
+    "mixed": ([0, 1, 17, 63, 113, 5, 40], None),
+    "one": ([97], None),
+    "cross": ([5, 0, 70, 33], [9, 12, 0, 100]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("window,causal", [((-1, -1), False), ((-1, -1), True), ((12, -1), True)],
+                         ids=["full", "causal", "causal-w12"])
+@pytest.mark.parametrize("docs", sorted(DOCS))
+def test_varlen(docs, window, causal, dtype):
+    """Packed documents against one reference attention per document (empty and length-1
+    documents included); no attention may cross a document boundary."""
+    lens_q, lens_k = DOCS[docs]
+    lens_k = lens_k or lens_q
+    q, k, v, dout, cu_q, cu_k = _varlen_inputs(len(docs) + sum(lens_q), lens_q, lens_k, 4, 2,
+                                               64, dtype)
+    got = _run_poisoned(q, k, v, dout, causal, window, cu_q, cu_k, max(lens_q), max(lens_k))
+    ref64 = _varlen_reference(q, k, v, dout, cu_q, cu_k, causal, window, torch.float64)
+    low = _varlen_reference(q, k, v, dout, cu_q, cu_k, causal, window, dtype)
+    grad_scale = max(_magnitude(r) for r in ref64[2:])
+    for i, (name, g, r, lo) in enumerate(zip(("out", "lse", "dq", "dk", "dv"), got, ref64, low)):
+        _check(name, g, r, lo, dtype, scale=grad_scale if i >= 2 else None)
+
+
+def test_varlen_public_api_matches_dense_per_document():
+    """flash_attn_varlen_func through autograd equals flash_attn_func run on each document."""
+    lens = [30, 1, 64]
+    q, k, v, dout, cu, _ = _varlen_inputs(21, lens, lens, 4, 4, 32, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = flash_attn_varlen_func(*leaves, cu, cu, max(lens), max(lens), causal=True)
+    grads = torch.autograd.grad(out, leaves, dout)
+    bounds = cu.tolist()
+    for a, b in zip(bounds, bounds[1:]):
+        doc = [t[a:b][None].clone().requires_grad_() for t in (q, k, v)]
+        ref = flash_attn_func(*doc, causal=True)
+        ref_grads = torch.autograd.grad(ref, doc, dout[a:b][None])
+        torch.testing.assert_close(out[a:b], ref[0])
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g[a:b], r[0])
+
+
+def _cu(values, dtype=torch.int32):
+    return torch.tensor(values, dtype=dtype, device=DEVICE)
+
+
+VARLEN_BAD = {
+    "not_monotone": (lambda: (_cu([0, 10, 5, 16]), _cu([0, 10, 5, 16]), 10), ValueError,
+                     "never decrease"),
+    "total_mismatch": (lambda: (_cu([0, 8, 15]), _cu([0, 8, 15]), 8), ValueError,
+                       "does not match the 16 packed tokens"),
+    "not_from_zero": (lambda: (_cu([2, 8, 16]), _cu([2, 8, 16]), 8), ValueError, "start at 0"),
+    "dtype": (lambda: (_cu([0, 8, 16], torch.int64), _cu([0, 8, 16]), 8), TypeError,
+              "torch.int32"),
+    "max_too_small": (lambda: (_cu([0, 4, 16]), _cu([0, 4, 16]), 8), ValueError,
+                      "max_seqlen=8 is smaller"),
+    "count_mismatch": (lambda: (_cu([0, 8, 16]), _cu([0, 16]), 16), ValueError, "offsets"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VARLEN_BAD))
+def test_varlen_bad_cu_seqlens(case):
+    make, exc, message = VARLEN_BAD[case]
+    cu_q, cu_k, max_len = make()
+    q = _t(16, 2, 16)
+    with pytest.raises(exc, match=message):
+        flash_attn_varlen_func(q, q, q, cu_q, cu_k, max_len, max_len)
+
+
+def test_bad_window():
+    q = _t(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="window_size"):
+        flash_attn_func(q, q, q, window_size=(-2, 0))
+    with pytest.raises(TypeError, match="window_size"):
+        flash_attn_func(q, q, q, window_size=4)
 
 
 def test_autograd_through_public_api_with_lse_gradient():

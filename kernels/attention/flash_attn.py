@@ -4,23 +4,30 @@ Algorithm
     Forward: one program per (query block, batch * head). It walks the key/value blocks with an
     online softmax (running max ``m`` and sum ``l`` in fp32, scores in the log2 domain with the
     softmax scale folded into one multiply), so the seqlen_q x seqlen_k score matrix never
-    leaves on-chip memory. Key blocks that need no mask run in a loop without any masking;
-    only the causal diagonal and the ragged last block run the masked loop. Causal programs
-    are launched heaviest first.
+    leaves on-chip memory. Each program splits its key range in three: a masked stretch on the
+    left (sliding window), an unmasked middle with no mask arithmetic at all, and a masked
+    stretch on the right (causal diagonal, ragged last block). Tiles outside the causal or
+    sliding window are never visited, so local attention costs O(seqlen * window). Causal
+    programs are launched heaviest first.
     Backward (FlashAttention-2 style, deterministic): a small kernel computes
-    ``delta = rowsum(dO * O)``; one kernel per key block accumulates dK and dV over every
+    ``delta = rowsum(dO * O) - dlse``; one kernel per key block accumulates dK and dV over every
     query block and every query head of its GQA group in registers; a separate kernel per
     query block accumulates dQ. No atomics, so gradients are bit-identical run to run.
 
-Layout
-    q: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim);
-    out like q; lse: (batch, nheads, seqlen_q) fp32, natural log. Any strides with a unit
-    stride in the last dimension are used in place.
+Layouts
+    Dense: q (batch, seqlen_q, nheads, head_dim); k, v (batch, seqlen_k, nheads_k, head_dim);
+    out like q; lse (batch, nheads, seqlen_q).
+    Varlen (packed documents): q (total_q, nheads, head_dim); k, v (total_k, nheads_k, head_dim);
+    ``cu_seqlens`` int32 (num_docs + 1,) cumulative offsets; lse (nheads, total_q).
+    lse is fp32 and in natural log. Any strides with a unit last-dimension stride are used
+    in place.
 
-Semantics (same as FlashAttention-2 >= 2.1)
+Semantics (FlashAttention-2 >= 2.1)
     GQA/MQA: query head h reads key/value head h // (nheads // nheads_k), without copies.
-    Causal masks are aligned bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q.
-    A query row that sees no key gets out = 0 and lse = +inf (zero gradient).
+    Masks are aligned bottom-right (per document for varlen): with d = seqlen_k - seqlen_q,
+    query i sees key j iff j <= i + d + right (right = 0 when causal) and j >= i + d - left,
+    where ``window_size = (left, right)`` and -1 means unbounded. A query row that sees no key
+    gets out = 0 and lse = +inf (zero gradient).
 
 dtypes
     fp16 and bf16 (fp32 accumulation); fp32 inputs use IEEE fp32 dot products.
@@ -40,38 +47,100 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
 @triton.jit
+def _visible(offs_q, offs_k, seqlen_k, diag, left, right, MASK_LEFT: tl.constexpr,
+             MASK_RIGHT: tl.constexpr):
+    """(len(offs_q), len(offs_k)) mask: which keys each query row may attend to."""
+    ok = offs_k[None, :] < seqlen_k
+    if MASK_RIGHT:
+        ok = ok & (offs_k[None, :] <= offs_q[:, None] + diag + right)
+    if MASK_LEFT:
+        ok = ok & (offs_k[None, :] >= offs_q[:, None] + diag - left)
+    return ok
+
+
+@triton.jit
+def _key_ranges(start_m, seqlen_q, seqlen_k, left, right, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr):
+    """Key stretches for query rows [start_m, start_m + BLOCK_M): masked [lo, a), unmasked
+    [a, b), masked [b, hi). Every bound but hi is a multiple of BLOCK_N."""
+    diag = seqlen_k - seqlen_q
+    full_k = (seqlen_k // BLOCK_N) * BLOCK_N
+    lo = 0
+    first_all = 0  # first key that every row of the block sees on the left
+    if MASK_LEFT:
+        lo = (tl.maximum(start_m + diag - left, 0) // BLOCK_N) * BLOCK_N
+        first_all = tl.maximum(start_m + BLOCK_M - 1 + diag - left, 0)
+        first_all = ((first_all + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    hi = seqlen_k
+    end_all = full_k  # end of the keys that every row sees on the right, whole blocks only
+    if MASK_RIGHT:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag + right, 0), seqlen_k)
+        end_all = tl.minimum((tl.maximum(start_m + diag + right + 1, 0) // BLOCK_N) * BLOCK_N,
+                             full_k)
+    a = tl.maximum(lo, tl.minimum(first_all, hi))
+    b = tl.maximum(a, tl.minimum(end_all, hi))
+    return diag, lo, a, b, hi
+
+
+@triton.jit
+def _query_ranges(start_n, seqlen_q, seqlen_k, left, right, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr):
+    """Query stretches for key rows [start_n, start_n + BLOCK_N), as in `_key_ranges`."""
+    diag = seqlen_k - seqlen_q
+    full_q = (seqlen_q // BLOCK_M) * BLOCK_M
+    lo = 0
+    first_all = 0
+    if MASK_RIGHT:
+        lo = (tl.maximum(start_n - diag - right, 0) // BLOCK_M) * BLOCK_M
+        first_all = tl.maximum(start_n + BLOCK_N - 1 - diag - right, 0)
+        first_all = ((first_all + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    hi = seqlen_q
+    end_all = full_q
+    if MASK_LEFT:
+        hi = tl.minimum(tl.maximum(start_n + BLOCK_N - diag + left, 0), seqlen_q)
+        end_all = tl.minimum((tl.maximum(start_n - diag + left + 1, 0) // BLOCK_M) * BLOCK_M,
+                             full_q)
+    a = tl.maximum(lo, tl.minimum(first_all, hi))
+    b = tl.maximum(a, tl.minimum(end_all, hi))
+    return diag, lo, a, b, hi
+
+
+@triton.jit
+def _load_rows(base, offs, stride, offs_d, n_rows, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+               D_PADDED: tl.constexpr):
+    """Load a (len(offs), BLOCK_D) tile; rows are masked only when MASKED."""
+    ptrs = base + offs[:, None].to(tl.int64) * stride + offs_d[None, :]
+    if MASKED:
+        mask = offs[:, None] < n_rows
+        if D_PADDED:
+            mask = mask & (offs_d[None, :] < HEAD_DIM)
+        return tl.load(ptrs, mask=mask, other=0.0)
+    elif D_PADDED:
+        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def _fwd_inner(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
-    seqlen_k, diag, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, D_PADDED: tl.constexpr, DOT_PREC: tl.constexpr,
+    seqlen_k, diag, left, right, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr,
+    MASK_RIGHT: tl.constexpr, MASKED: tl.constexpr, D_PADDED: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
-        if MASKED:
-            kv_mask = offs_n[:, None] < seqlen_k
-            if D_PADDED:
-                kv_mask = kv_mask & d_ok
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        elif D_PADDED:
-            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        k = _load_rows(k_base, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, MASKED, D_PADDED)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if MASKED:
-            visible = offs_n[None, :] < seqlen_k
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag)
-            s = tl.where(visible, s, float("-inf"))
+            s = tl.where(_visible(offs_m, offs_n, seqlen_k, diag, left, right, MASK_LEFT,
+                                  MASK_RIGHT), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             # A row that has seen no key yet keeps m = -inf; shift it by 0 to avoid inf - inf.
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -82,155 +151,144 @@ def _fwd_inner(
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MASKED:
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        elif D_PADDED:
-            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = _load_rows(v_base, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, MASKED, D_PADDED)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
-def _key_ranges(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr):
-    """Key range [0, hi) that query block start_m needs, and the end of its unmasked prefix."""
-    diag = seqlen_k - seqlen_q
-    full_k = (seqlen_k // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), seqlen_k)
-        unmasked = (tl.maximum(start_m + diag + 1, 0) // BLOCK_N) * BLOCK_N
-        unmasked = tl.minimum(unmasked, full_k)
+def _sequence(pid_bh, nheads, CU_Q, CU_K, seqlen_q, seqlen_k, stride_lb, stride_lh,
+              VARLEN: tl.constexpr):
+    """Batch index, head, first row of the sequence in q and k, lengths, and the lse/delta row
+    offset of the sequence's first query."""
+    b = pid_bh // nheads
+    h = (pid_bh % nheads).to(tl.int64)
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
     else:
-        hi = seqlen_k
-        unmasked = full_k
-    unmasked = tl.minimum(unmasked, hi)
-    return diag, unmasked, hi
+        q_start = 0
+        k_start = 0
+    b = b.to(tl.int64)
+    lse_row = b * stride_lb + h * stride_lh + q_start
+    return b, h, q_start, k_start, seqlen_q, seqlen_k, lse_row
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, CU_Q, CU_K,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_om, stride_oh,
-    nheads, seqlen_q, seqlen_k, group, qk_scale, seq_bucket,
+    stride_lb, stride_lh,
+    nheads, seqlen_q, seqlen_k, group, qk_scale, left, right, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    if CAUSAL:
+    if MASK_RIGHT:
         # Later query blocks see more keys: launch them first so the tail of the grid is short.
         pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // nheads).to(tl.int64)
-    h = (pid_bh % nheads).to(tl.int64)
+    b, h, q_start, k_start, seqlen_q, seqlen_k, lse_row = _sequence(
+        tl.program_id(1), nheads, CU_Q, CU_K, seqlen_q, seqlen_k, stride_lb, stride_lh, VARLEN)
     hk = h // group
     D_PADDED: tl.constexpr = BLOCK_D != HEAD_DIM
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    row_ok = offs_m[:, None] < seqlen_q
-    d_ok = offs_d[None, :] < HEAD_DIM
-    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                mask=row_ok & d_ok, other=0.0)
+    q_base = Q + b * stride_qb + q_start * stride_qm + h * stride_qh
+    k_base = K + b * stride_kb + k_start * stride_kn + hk * stride_kh
+    v_base = V + b * stride_vb + k_start * stride_vn + hk * stride_vh
+    q = _load_rows(q_base, offs_m, stride_qm, offs_d, seqlen_q, HEAD_DIM, True, D_PADDED)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    diag, unmasked, hi = _key_ranges(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+    diag, lo, a, b_, hi = _key_ranges(start_m, seqlen_q, seqlen_k, left, right, BLOCK_M, BLOCK_N,
+                                      MASK_LEFT, MASK_RIGHT)
+    hi = tl.where(start_m < seqlen_q, hi, 0)  # a varlen program past the end of its document
     acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, 0, unmasked,
-        seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, D_PADDED, DOT_PREC)
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo,
+        tl.minimum(a, hi), seqlen_k, diag, left, right, qk_scale,
+        HEAD_DIM, BLOCK_N, MASK_LEFT, MASK_RIGHT, True, D_PADDED, DOT_PREC)
     acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, unmasked, hi,
-        seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, D_PADDED, DOT_PREC)
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, a,
+        tl.minimum(b_, hi), seqlen_k, diag, left, right, qk_scale,
+        HEAD_DIM, BLOCK_N, MASK_LEFT, MASK_RIGHT, False, D_PADDED, DOT_PREC)
+    acc, m_i, l_i = _fwd_inner(
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, b_, hi,
+        seqlen_k, diag, left, right, qk_scale,
+        HEAD_DIM, BLOCK_N, MASK_LEFT, MASK_RIGHT, True, D_PADDED, DOT_PREC)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"),
                    (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_base = O + b * stride_ob + h * stride_oh
+    o_base = O + b * stride_ob + q_start * stride_om + h * stride_oh
+    row_ok = offs_m[:, None] < seqlen_q
     tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=row_ok & d_ok)
-    tl.store(LSE + pid_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=offs_m < seqlen_q)
+             acc.to(O.dtype.element_ty), mask=row_ok & (offs_d[None, :] < HEAD_DIM))
+    tl.store(LSE + lse_row + offs_m, lse, mask=offs_m < seqlen_q)
 
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    O, DO, DLSE, DELTA,
+    O, DO, DLSE, DELTA, CU_Q,
     stride_ob, stride_om, stride_oh,
     stride_dob, stride_dom, stride_doh,
+    stride_lb, stride_lh,
     nheads, seqlen_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """delta = rowsum(dO * O) - dLSE: the softmax-backward correction per query row."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // nheads).to(tl.int64)
-    h = (pid_bh % nheads).to(tl.int64)
+    b, h, q_start, _, seqlen_q, _, lse_row = _sequence(
+        tl.program_id(1), nheads, CU_Q, CU_Q, seqlen_q, seqlen_q, stride_lb, stride_lh, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    rows = offs_m[:, None].to(tl.int64)
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_om + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
+    o = _load_rows(O + b * stride_ob + q_start * stride_om + h * stride_oh, offs_m, stride_om,
+                   offs_d, seqlen_q, HEAD_DIM, True, True).to(tl.float32)
+    do = _load_rows(DO + b * stride_dob + q_start * stride_dom + h * stride_doh, offs_m,
+                    stride_dom, offs_d, seqlen_q, HEAD_DIM, True, True).to(tl.float32)
     delta = tl.sum(o * do, 1)
-    row_offs = pid_bh.to(tl.int64) * seqlen_q + offs_m
     if HAS_DLSE:
-        delta -= tl.load(DLSE + row_offs, mask=offs_m < seqlen_q, other=0.0)
-    tl.store(DELTA + row_offs, delta, mask=offs_m < seqlen_q)
+        delta -= tl.load(DLSE + lse_row + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    tl.store(DELTA + lse_row + offs_m, delta, mask=offs_m < seqlen_q)
 
 
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-    offs_n, offs_d, lo, hi, seqlen_q, diag, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-    D_PADDED: tl.constexpr, DOT_PREC: tl.constexpr,
+    offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, diag, left, right, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK_LEFT: tl.constexpr,
+    MASK_RIGHT: tl.constexpr, MASKED: tl.constexpr, D_PADDED: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    d_ok = offs_d[None, :] < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
-        do_ptrs = do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :]
+        q = _load_rows(q_base, offs_m, stride_qm, offs_d, seqlen_q, HEAD_DIM, MASKED, D_PADDED)
+        do = _load_rows(do_base, offs_m, stride_dom, offs_d, seqlen_q, HEAD_DIM, MASKED, D_PADDED)
         if MASKED:
-            row_mask = offs_m[:, None] < seqlen_q
-            if D_PADDED:
-                row_mask = row_mask & d_ok
-            q = tl.load(q_ptrs, mask=row_mask, other=0.0)
+            # Rows past the end get lse = +inf, so their probabilities are exactly zero.
             lse = tl.load(lse_base + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
-        elif D_PADDED:
-            q = tl.load(q_ptrs, mask=d_ok, other=0.0)
-            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
         else:
-            q = tl.load(q_ptrs)
             lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
         # Transposed scores: (BLOCK_N, BLOCK_M), so dK and dV accumulate without transposes.
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
         p_t = tl.math.exp2(s_t * qk_scale - lse[None, :] * 1.4426950408889634)
         if MASKED:
-            visible = offs_m[None, :] < seqlen_q
-            if CAUSAL:
-                visible = visible & (offs_n[:, None] <= offs_m[None, :] + diag)
+            visible = tl.trans(_visible(offs_m, offs_n, seqlen_k, diag, left, right, MASK_LEFT,
+                                        MASK_RIGHT))
             p_t = tl.where(visible, p_t, 0.0)
-            do = tl.load(do_ptrs, mask=row_mask, other=0.0)
-            delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
-        else:
-            if D_PADDED:
-                do = tl.load(do_ptrs, mask=d_ok, other=0.0)
-            else:
-                do = tl.load(do_ptrs)
-            delta = tl.load(delta_base + offs_m)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -240,107 +298,83 @@ def _bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh,
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
-    nheads, nheads_k, seqlen_q, seqlen_k, group, softmax_scale, qk_scale, seq_bucket,
+    stride_lb, stride_lh,
+    nheads, nheads_k, seqlen_q, seqlen_k, group, softmax_scale, qk_scale, left, right,
+    seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
-    b = (pid_bhk // nheads_k).to(tl.int64)
-    hk = (pid_bhk % nheads_k).to(tl.int64)
+    b, hk, q_start, k_start, seqlen_q, seqlen_k, _ = _sequence(
+        pid_bhk, nheads_k, CU_Q, CU_K, seqlen_q, seqlen_k, 0, 0, VARLEN)
     D_PADDED: tl.constexpr = BLOCK_D != HEAD_DIM
 
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    rows_n = offs_n[:, None].to(tl.int64)
-    k = tl.load(K + b * stride_kb + hk * stride_kh + rows_n * stride_kn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + rows_n * stride_vn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    k = _load_rows(K + b * stride_kb + k_start * stride_kn + hk * stride_kh, offs_n, stride_kn,
+                   offs_d, seqlen_k, HEAD_DIM, True, D_PADDED)
+    v = _load_rows(V + b * stride_vb + k_start * stride_vn + hk * stride_vh, offs_n, stride_vn,
+                   offs_d, seqlen_k, HEAD_DIM, True, D_PADDED)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    # Query rows [lo, unmasked_lo) touch the causal diagonal and need a mask; the rows from
-    # unmasked_lo up to the last full query block need none; the ragged tail needs one again.
-    diag = seqlen_k - seqlen_q
-    full_q = (seqlen_q // BLOCK_M) * BLOCK_M
-    if CAUSAL:
-        lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
-        first_full = tl.maximum(start_n + BLOCK_N - 1 - diag, 0)
-        first_full = ((first_full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-        unmasked_lo = tl.maximum(lo, tl.minimum(first_full, full_q))
-    else:
-        lo = 0
-        unmasked_lo = 0
-    tail_lo = tl.maximum(unmasked_lo, full_q)
-
+    diag, lo, a, b_, hi = _query_ranges(start_n, seqlen_q, seqlen_k, left, right, BLOCK_M,
+                                        BLOCK_N, MASK_LEFT, MASK_RIGHT)
+    hi = tl.where(start_n < seqlen_k, hi, 0)
     for g in range(0, group):
         h = hk * group + g
-        bh = b * nheads + h
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        lse_base = LSE + bh * seqlen_q
-        delta_base = DELTA + bh * seqlen_q
+        q_base = Q + b * stride_qb + q_start * stride_qm + h * stride_qh
+        do_base = DO + b * stride_dob + q_start * stride_dom + h * stride_doh
+        lse_row = b * stride_lb + h * stride_lh + q_start
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            offs_n, offs_d, lo, unmasked_lo, seqlen_q, diag, qk_scale,
-            HEAD_DIM, BLOCK_M, CAUSAL, True, D_PADDED, DOT_PREC)
+            dk, dv, k, v, q_base, do_base, LSE + lse_row, DELTA + lse_row, stride_qm, stride_dom,
+            offs_n, offs_d, lo, tl.minimum(a, hi), seqlen_q, seqlen_k, diag, left, right,
+            qk_scale, HEAD_DIM, BLOCK_M, MASK_LEFT, MASK_RIGHT, True, D_PADDED, DOT_PREC)
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            offs_n, offs_d, unmasked_lo, full_q, seqlen_q, diag, qk_scale,
-            HEAD_DIM, BLOCK_M, CAUSAL, False, D_PADDED, DOT_PREC)
+            dk, dv, k, v, q_base, do_base, LSE + lse_row, DELTA + lse_row, stride_qm, stride_dom,
+            offs_n, offs_d, a, tl.minimum(b_, hi), seqlen_q, seqlen_k, diag, left, right,
+            qk_scale, HEAD_DIM, BLOCK_M, MASK_LEFT, MASK_RIGHT, False, D_PADDED, DOT_PREC)
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            offs_n, offs_d, tail_lo, seqlen_q, seqlen_q, diag, qk_scale,
-            HEAD_DIM, BLOCK_M, CAUSAL, True, D_PADDED, DOT_PREC)
+            dk, dv, k, v, q_base, do_base, LSE + lse_row, DELTA + lse_row, stride_qm, stride_dom,
+            offs_n, offs_d, b_, hi, seqlen_q, seqlen_k, diag, left, right,
+            qk_scale, HEAD_DIM, BLOCK_M, MASK_LEFT, MASK_RIGHT, True, D_PADDED, DOT_PREC)
 
     dk = dk * softmax_scale
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + rows_n * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + rows_n * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    rows_n = offs_n[:, None].to(tl.int64)
+    tl.store(DK + b * stride_dkb + (k_start + rows_n) * stride_dkn + hk * stride_dkh
+             + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + (k_start + rows_n) * stride_dvn + hk * stride_dvh
+             + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _bwd_dq_inner(
     dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
-    seqlen_k, diag, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-    D_PADDED: tl.constexpr, DOT_PREC: tl.constexpr,
+    seqlen_k, diag, left, right, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr,
+    MASK_RIGHT: tl.constexpr, MASKED: tl.constexpr, D_PADDED: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
-        if MASKED:
-            kv_mask = offs_n[:, None] < seqlen_k
-            if D_PADDED:
-                kv_mask = kv_mask & d_ok
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        elif D_PADDED:
-            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k = _load_rows(k_base, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, MASKED, D_PADDED)
+        v = _load_rows(v_base, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, MASKED, D_PADDED)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASKED:
-            visible = offs_n[None, :] < seqlen_k
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag)
-            p = tl.where(visible, p, 0.0)
+            p = tl.where(_visible(offs_m, offs_n, seqlen_k, diag, left, right, MASK_LEFT,
+                                  MASK_RIGHT), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
@@ -349,56 +383,61 @@ def _bwd_dq_inner(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh,
     stride_dqb, stride_dqm, stride_dqh,
-    nheads, seqlen_q, seqlen_k, group, softmax_scale, qk_scale, seq_bucket,
+    stride_lb, stride_lh,
+    nheads, seqlen_q, seqlen_k, group, softmax_scale, qk_scale, left, right, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    if CAUSAL:
+    if MASK_RIGHT:
         pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // nheads).to(tl.int64)
-    h = (pid_bh % nheads).to(tl.int64)
+    b, h, q_start, k_start, seqlen_q, seqlen_k, lse_row = _sequence(
+        tl.program_id(1), nheads, CU_Q, CU_K, seqlen_q, seqlen_k, stride_lb, stride_lh, VARLEN)
     hk = h // group
     D_PADDED: tl.constexpr = BLOCK_D != HEAD_DIM
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    rows = offs_m[:, None].to(tl.int64)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :],
-                mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :],
-                 mask=mask, other=0.0)
-    row_offs = pid_bh.to(tl.int64) * seqlen_q + offs_m
+    q = _load_rows(Q + b * stride_qb + q_start * stride_qm + h * stride_qh, offs_m, stride_qm,
+                   offs_d, seqlen_q, HEAD_DIM, True, D_PADDED)
+    do = _load_rows(DO + b * stride_dob + q_start * stride_dom + h * stride_doh, offs_m,
+                    stride_dom, offs_d, seqlen_q, HEAD_DIM, True, D_PADDED)
     # Rows past seqlen_q get lse = +inf, so every probability in them is exactly zero.
-    lse = tl.load(LSE + row_offs, mask=offs_m < seqlen_q, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + row_offs, mask=offs_m < seqlen_q, other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    row_ok = offs_m < seqlen_q
+    lse = tl.load(LSE + lse_row + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + lse_row + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + k_start * stride_kn + hk * stride_kh
+    v_base = V + b * stride_vb + k_start * stride_vn + hk * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    diag, unmasked, hi = _key_ranges(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                       0, unmasked, seqlen_k, diag, qk_scale,
-                       HEAD_DIM, BLOCK_N, CAUSAL, False, D_PADDED, DOT_PREC)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                       unmasked, hi, seqlen_k, diag, qk_scale,
-                       HEAD_DIM, BLOCK_N, CAUSAL, True, D_PADDED, DOT_PREC)
+    diag, lo, a, b_, hi = _key_ranges(start_m, seqlen_q, seqlen_k, left, right, BLOCK_M, BLOCK_N,
+                                      MASK_LEFT, MASK_RIGHT)
+    hi = tl.where(start_m < seqlen_q, hi, 0)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m,
+                       offs_d, lo, tl.minimum(a, hi), seqlen_k, diag, left, right, qk_scale,
+                       HEAD_DIM, BLOCK_N, MASK_LEFT, MASK_RIGHT, True, D_PADDED, DOT_PREC)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m,
+                       offs_d, a, tl.minimum(b_, hi), seqlen_k, diag, left, right, qk_scale,
+                       HEAD_DIM, BLOCK_N, MASK_LEFT, MASK_RIGHT, False, D_PADDED, DOT_PREC)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m,
+                       offs_d, b_, hi, seqlen_k, diag, left, right, qk_scale,
+                       HEAD_DIM, BLOCK_N, MASK_LEFT, MASK_RIGHT, True, D_PADDED, DOT_PREC)
     dq = dq * softmax_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=mask)
+    tl.store(DQ + b * stride_dqb + (q_start + offs_m[:, None].to(tl.int64)) * stride_dqm
+             + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 # --------------------------------------------------------------------------------------------
-# Host side: configurations, launchers, autograd, public function.
+# Host side: configurations, launchers, autograd, public functions.
 
 def _is_interpreted(kernel):
     return type(kernel).__name__ == "InterpretedFunction"
@@ -451,7 +490,7 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-_TUNE_KEYS = ["HEAD_DIM", "CAUSAL", "seq_bucket", "DOT_PREC"]
+_TUNE_KEYS = ["HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "VARLEN", "seq_bucket", "DOT_PREC"]
 _fwd_tuned = triton.autotune(_configs("fwd"), key=_TUNE_KEYS,
                              prune_configs_by={"early_config_prune": _prune})(_attn_fwd_kernel)
 _dkdv_tuned = triton.autotune(_configs("dkdv"), key=_TUNE_KEYS,
@@ -491,18 +530,55 @@ def _launch(kind, tuned, grid_fn, *args, seq_bucket, **meta):
         tuned[grid_fn](*args, seq_bucket, **meta)
 
 
-def _common_meta(q, causal):
-    head_dim = q.shape[-1]
-    return dict(
-        HEAD_DIM=head_dim,
-        BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
-        CAUSAL=bool(causal),
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-    )
-
 
 def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _Problem:
+    """Everything a launch needs besides the tensors: sizes, masks, strides of the lse layout.
+
+    Dense tensors are viewed as (batch, seqlen, heads, dim); packed varlen tensors as
+    (1, total, heads, dim) with a batch stride of 0, the sequences found through cu_seqlens.
+    """
+
+    def __init__(self, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                 window_size):
+        self.varlen = cu_seqlens_q is not None
+        self.nheads, head_dim = q.shape[-2], q.shape[-1]
+        self.nheads_k = k.shape[-2]
+        if self.varlen:
+            self.batch = cu_seqlens_q.numel() - 1
+            self.seqlen_q, self.seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
+            total_q = q.shape[0]
+            self.lse_shape = (self.nheads, total_q)
+            self.lse_strides = (0, total_q)
+        else:
+            self.batch, self.seqlen_q = q.shape[0], q.shape[1]
+            self.seqlen_k = k.shape[1]
+            self.lse_shape = (self.batch, self.nheads, self.seqlen_q)
+            self.lse_strides = (self.nheads * self.seqlen_q, self.seqlen_q)
+        left, right = window_size
+        if causal:
+            right = 0
+        self.left, self.right = max(int(left), 0), max(int(right), 0)
+        self.scale = softmax_scale
+        self.meta = dict(
+            HEAD_DIM=head_dim,
+            BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
+            MASK_LEFT=left >= 0,
+            MASK_RIGHT=right >= 0,
+            VARLEN=self.varlen,
+            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        )
+        self.bucket = _seq_bucket(max(self.seqlen_q, self.seqlen_k))
+
+
+def _strides(t):
+    """(batch, row, head) strides of a dense (B, S, H, D) or packed (T, H, D) tensor."""
+    if t.dim() == 4:
+        return t.stride(0), t.stride(1), t.stride(2)
+    return 0, t.stride(0), t.stride(1)
 
 
 def _device_ctx(t):
@@ -517,181 +593,211 @@ class _nullctx:
         return False
 
 
-def _flash_fwd_impl(q, k, v, softmax_scale, causal, out=None, lse=None):
+def _cu_args(pb, cu_q, cu_k, fallback):
+    return (cu_q, cu_k) if pb.varlen else (fallback, fallback)
+
+
+def _flash_fwd_impl(q, k, v, cu_q, cu_k, pb, out=None, lse=None):
     """Launch the forward. ``out``/``lse`` may be passed in preallocated (tests poison them)."""
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if lse is None:
-        lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
+        lse = torch.empty(pb.lse_shape, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or pb.batch == 0:
         lse.fill_(float("inf"))
         return out.zero_(), lse
 
     def grid(meta):
-        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)
+        return (triton.cdiv(pb.seqlen_q, meta["BLOCK_M"]), pb.batch * pb.nheads)
 
     with _device_ctx(q):
         _launch(
             "fwd", _fwd_tuned, grid,
-            q, k, v, out, lse,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            nheads, seqlen_q, seqlen_k, nheads // nheads_k, softmax_scale * _LOG2E,
-            seq_bucket=_seq_bucket(max(seqlen_q, seqlen_k)),
-            **_common_meta(q, causal),
+            q, k, v, out, lse, *_cu_args(pb, cu_q, cu_k, lse),
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), *pb.lse_strides,
+            pb.nheads, pb.seqlen_q, pb.seqlen_k, pb.nheads // pb.nheads_k, pb.scale * _LOG2E,
+            pb.left, pb.right, seq_bucket=pb.bucket, **pb.meta,
         )
     return out, lse
 
 
-def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, softmax_scale, causal, grads=None):
+def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, pb, grads=None):
     """Launch the backward. ``grads=(dq, dk, dv)`` may be passed in preallocated."""
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
     dout = _unit_last(dout)
     if grads is None:
         grads = (torch.empty(q.shape, dtype=q.dtype, device=q.device),
                  torch.empty(k.shape, dtype=k.dtype, device=k.device),
                  torch.empty(v.shape, dtype=v.dtype, device=v.device))
     dq, dk, dv = grads
-    if seqlen_q == 0 or seqlen_k == 0 or batch == 0:
+    if q.numel() == 0 or k.numel() == 0 or pb.batch == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
-    meta = _common_meta(q, causal)
-    bucket = _seq_bucket(max(seqlen_q, seqlen_k))
-    group = nheads // nheads_k
+    delta = torch.empty(pb.lse_shape, dtype=torch.float32, device=q.device)
+    group = pb.nheads // pb.nheads_k
+    cu = _cu_args(pb, cu_q, cu_k, delta)
     with _device_ctx(q):
-        pre_block = 64 if not _is_interpreted(_bwd_preprocess_kernel) else 32
-        _bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_block), batch * nheads)](
-            out, dout, dlse if dlse is not None else delta, delta,
-            out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            nheads, seqlen_q,
-            HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block,
-            HAS_DLSE=dlse is not None,
+        pre_block = 32 if _is_interpreted(_bwd_preprocess_kernel) else 64
+        _bwd_preprocess_kernel[(triton.cdiv(pb.seqlen_q, pre_block), pb.batch * pb.nheads)](
+            out, dout, dlse if dlse is not None else delta, delta, cu[0],
+            *_strides(out), *_strides(dout), *pb.lse_strides, pb.nheads, pb.seqlen_q,
+            HEAD_DIM=pb.meta["HEAD_DIM"], BLOCK_D=pb.meta["BLOCK_D"], BLOCK_M=pre_block,
+            HAS_DLSE=dlse is not None, VARLEN=pb.varlen,
         )
         _launch(
             "dkdv", _dkdv_tuned,
-            lambda m: (triton.cdiv(seqlen_k, m["BLOCK_N"]), batch * nheads_k),
-            q, k, v, dout, lse, delta, dk, dv,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            nheads, nheads_k, seqlen_q, seqlen_k, group, softmax_scale,
-            softmax_scale * _LOG2E, seq_bucket=bucket,
-            **meta,
+            lambda m: (triton.cdiv(pb.seqlen_k, m["BLOCK_N"]), pb.batch * pb.nheads_k),
+            q, k, v, dout, lse, delta, dk, dv, *cu,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
+            *_strides(dv), *pb.lse_strides,
+            pb.nheads, pb.nheads_k, pb.seqlen_q, pb.seqlen_k, group, pb.scale,
+            pb.scale * _LOG2E, pb.left, pb.right, seq_bucket=pb.bucket, **pb.meta,
         )
         _launch(
             "dq", _dq_tuned,
-            lambda m: (triton.cdiv(seqlen_q, m["BLOCK_M"]), batch * nheads),
-            q, k, v, dout, lse, delta, dq,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            nheads, seqlen_q, seqlen_k, group, softmax_scale, softmax_scale * _LOG2E,
-            seq_bucket=bucket, **meta,
+            lambda m: (triton.cdiv(pb.seqlen_q, m["BLOCK_M"]), pb.batch * pb.nheads),
+            q, k, v, dout, lse, delta, dq, *cu,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+            *pb.lse_strides,
+            pb.nheads, pb.seqlen_q, pb.seqlen_k, group, pb.scale, pb.scale * _LOG2E,
+            pb.left, pb.right, seq_bucket=pb.bucket, **pb.meta,
         )
     return dq, dk, dv
 
 
 # torch custom ops: opaque to torch.compile (no graph break), with fake implementations that
-# only describe shapes.
+# only describe shapes. One pair serves the dense and the varlen layout (cu_seqlens None or not).
 
 @torch.library.custom_op("flashlm::flash_attn_fwd", mutates_args=())
-def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
-                       causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _flash_fwd_impl(q, k, v, softmax_scale, causal)
+def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                       max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool,
+                       window_left: int, window_right: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pb = _Problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                  (window_left, window_right))
+    return _flash_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, pb)
 
 
 @_flash_attn_fwd_op.register_fake
-def _(q, k, v, softmax_scale, causal):
-    batch, seqlen_q, nheads, _ = q.shape
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+      window_left, window_right):
+    if cu_seqlens_q is not None:
+        lse_shape = (q.shape[1], q.shape[0])
+    else:
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device))
+            torch.empty(lse_shape, dtype=torch.float32, device=q.device))
 
 
 @torch.library.custom_op("flashlm::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None,
-                       softmax_scale: float, causal: bool
+                       cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                       max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool,
+                       window_left: int, window_right: int
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _flash_bwd_impl(dout, q, k, v, out, lse, dlse, softmax_scale, causal)
+    pb = _Problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                  (window_left, window_right))
+    return _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, pb)
 
 
 @_flash_attn_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, dlse, softmax_scale, causal):
+def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      softmax_scale, causal, window_left, window_right):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, causal = inputs
+    q, k, v, cu_q, cu_k, *ctx.static = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.softmax_scale = softmax_scale
-    ctx.causal = causal
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _flash_attn_bwd_op(dout, q, k, v, out, lse, dlse, ctx.softmax_scale, ctx.causal)
-    return dq, dk, dv, None, None
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = _flash_attn_bwd_op(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.static)
+    return (dq, dk, dv) + (None,) * 8
 
 
 _flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(q, k, v):
+def _check_tensors(fn, q, k, v, rank, layout):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"flash_attn_func: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"flash_attn_func: {name} must have 4 dimensions (batch, seqlen, heads, head_dim), "
-                f"got {t.dim()} with shape {tuple(t.shape)}")
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"{fn}: {name} must have {rank} dimensions {layout}, got {t.dim()} "
+                             f"with shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"flash_attn_func: {name}.dtype={t.dtype} is not supported; "
+            raise TypeError(f"{fn}: {name}.dtype={t.dtype} is not supported; "
                             "use torch.float16, torch.bfloat16 or torch.float32")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"flash_attn_func: q, k and v must share one dtype, got q={q.dtype}, "
+        raise TypeError(f"{fn}: q, k and v must share one dtype, got q={q.dtype}, "
                         f"k={k.dtype}, v={v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"flash_attn_func: q, k and v must be on one device, got q on {q.device}, "
+        raise ValueError(f"{fn}: q, k and v must be on one device, got q on {q.device}, "
                          f"k on {k.device}, v on {v.device}")
     if k.shape != v.shape:
-        raise ValueError(f"flash_attn_func: k and v must have the same shape, got k "
-                         f"{tuple(k.shape)} and v {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"flash_attn_func: batch size mismatch, q has batch={q.shape[0]} and k/v "
-                         f"batch={k.shape[0]}")
-    head_dim = q.shape[3]
-    if k.shape[3] != head_dim:
-        raise ValueError(f"flash_attn_func: head_dim mismatch, q has head_dim={head_dim} and k/v "
-                         f"head_dim={k.shape[3]}")
+        raise ValueError(f"{fn}: k and v must have the same shape, got k {tuple(k.shape)} and "
+                         f"v {tuple(v.shape)}")
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"{fn}: head_dim mismatch, q has head_dim={head_dim} and k/v "
+                         f"head_dim={k.shape[-1]}")
     if head_dim % 8 != 0 or not 8 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"flash_attn_func: head_dim={head_dim} is not supported; it must be a "
-                         f"multiple of 8 between 8 and {MAX_HEAD_DIM}")
-    nheads, nheads_k = q.shape[2], k.shape[2]
+        raise ValueError(f"{fn}: head_dim={head_dim} is not supported; it must be a multiple "
+                         f"of 8 between 8 and {MAX_HEAD_DIM}")
+    nheads, nheads_k = q.shape[-2], k.shape[-2]
     if nheads_k == 0 or nheads % nheads_k != 0:
-        raise ValueError(f"flash_attn_func: nheads={nheads} (q) must be a multiple of "
-                         f"nheads_k={nheads_k} (k/v)")
+        raise ValueError(f"{fn}: nheads={nheads} (q) must be a multiple of nheads_k={nheads_k} "
+                         "(k/v)")
     if q.device.type == "cpu" and not _is_interpreted(_attn_fwd_kernel):
         raise ValueError(
-            f"flash_attn_func: q, k and v are on the CPU (device={q.device}), where the Triton "
-            "kernel cannot run; move them to a GPU, use the 'sdpa' attention backend, or set "
+            f"{fn}: q, k and v are on the CPU (device={q.device}), where the Triton kernel "
+            "cannot run; move them to a GPU, use the 'sdpa' attention backend, or set "
             "TRITON_INTERPRET=1 before importing flashlm to run the (slow) Triton interpreter")
 
 
-def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False):
+def _check_window(fn, window_size):
+    try:
+        left, right = (int(w) for w in window_size)
+    except (TypeError, ValueError):
+        raise TypeError(f"{fn}: window_size must be a pair of ints (left, right), got "
+                        f"{window_size!r}") from None
+    if left < -1 or right < -1:
+        raise ValueError(f"{fn}: window_size={tuple(window_size)!r}: each side must be >= 0, "
+                         "or -1 for unbounded")
+    return left, right
+
+
+def _check_cu_seqlens(fn, name, cu, total, max_seqlen, device, batch=None):
+    if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
+        desc = f"{cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) \
+            else type(cu).__name__
+        raise TypeError(f"{fn}: {name} must be a 1-D torch.int32 tensor, got {desc}")
+    if cu.device != device:
+        raise ValueError(f"{fn}: {name} is on {cu.device} but q, k, v are on {device}")
+    if cu.numel() < 1 or (batch is not None and cu.numel() != batch + 1):
+        raise ValueError(f"{fn}: {name} has {cu.numel()} entries; cu_seqlens_q and cu_seqlens_k "
+                         "must both hold num_sequences + 1 offsets")
+    if torch.compiler.is_compiling():
+        return  # the value checks below would read the tensor back and break the graph
+    values = cu.tolist()
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    if values[0] != 0 or any(n < 0 for n in lengths):
+        raise ValueError(f"{fn}: {name} must start at 0 and never decrease, got {values[:16]}"
+                         + (" ..." if len(values) > 16 else ""))
+    if values[-1] != total:
+        raise ValueError(f"{fn}: {name}[-1]={values[-1]} does not match the {total} packed "
+                         "tokens of the tensor")
+    if lengths and max(lengths) > max_seqlen:
+        raise ValueError(f"{fn}: max_seqlen={max_seqlen} is smaller than the longest sequence in "
+                         f"{name} ({max(lengths)})")
+
+
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    return_lse=False):
     """Exact attention without materializing the score matrix (FlashAttention-2 interface).
 
     Args:
@@ -700,6 +806,9 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False)
             ``nheads`` must be a multiple of ``nheads_k`` (GQA/MQA).
         softmax_scale: scale applied to ``q @ k^T``; defaults to ``1 / sqrt(head_dim)``.
         causal: causal mask aligned to the bottom-right corner when ``seqlen_q != seqlen_k``.
+        window_size: ``(left, right)`` sliding window; -1 leaves a side unbounded. Query ``i``
+            sees keys ``[i + d - left, i + d + right]`` with ``d = seqlen_k - seqlen_q``
+            (``right`` is 0 when causal).
         return_lse: also return the log-sum-exp of the scaled scores.
 
     Returns:
@@ -708,9 +817,51 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False)
 
     Differentiable in q, k and v (and through ``lse``); the backward is deterministic.
     """
-    _check_inputs(q, k, v)
+    fn = "flash_attn_func"
+    _check_tensors(fn, q, k, v, 4, "(batch, seqlen, heads, head_dim)")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"{fn}: batch size mismatch, q has batch={q.shape[0]} and k/v "
+                         f"batch={k.shape[0]}")
+    left, right = _check_window(fn, window_size)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    out, lse = _flash_attn_fwd_op(q, k, v, float(softmax_scale), bool(causal))
+    out, lse = _flash_attn_fwd_op(q, k, v, None, None, q.shape[1], k.shape[1],
+                                  float(softmax_scale), bool(causal), left, right)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           softmax_scale=None, causal=False, window_size=(-1, -1),
+                           return_lse=False):
+    """Attention over packed variable-length sequences; no attention crosses a sequence.
+
+    Args:
+        q: (total_q, nheads, head_dim); k, v: (total_k, nheads_k, head_dim): the sequences of
+            a batch concatenated (FlashAttention-2's packed layout).
+        cu_seqlens_q, cu_seqlens_k: (num_sequences + 1,) int32 on the same device; sequence
+            ``i`` holds rows ``cu[i]:cu[i + 1]``. Empty sequences are allowed.
+        max_seqlen_q, max_seqlen_k: upper bounds on the sequence lengths (they size the grid).
+        softmax_scale, causal, window_size: as in `flash_attn_func`, per sequence.
+        return_lse: also return lse of shape (nheads, total_q).
+
+    Returns:
+        out: (total_q, nheads, head_dim), or ``(out, lse)``.
+
+    The offsets are checked (start at 0, never decrease, end at the tensor's length, fit the
+    max lengths), which reads them back to the host; under ``torch.compile`` only their shape
+    and dtype are checked.
+    """
+    fn = "flash_attn_varlen_func"
+    _check_tensors(fn, q, k, v, 3, "(total_tokens, heads, head_dim)")
+    _check_cu_seqlens(fn, "cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device)
+    _check_cu_seqlens(fn, "cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device,
+                      batch=cu_seqlens_q.numel() - 1)
+    left, right = _check_window(fn, window_size)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    out, lse = _flash_attn_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                  int(max_seqlen_k), float(softmax_scale), bool(causal),
+                                  left, right)
     return (out, lse) if return_lse else out
