@@ -136,6 +136,109 @@ def bench_one(provider, batch, seqlen, nheads, head_dim, causal, dtype, device):
     return row
 
 
+def document_lengths(total, seed, lo=128, hi=4096):
+    """Mixed document lengths that add up to ``total`` tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < total:
+        lengths.append(int(torch.randint(lo, hi + 1, (1,), generator=gen)))
+    lengths[-1] -= sum(lengths) - total
+    return [n for n in lengths if n > 0]
+
+
+def bench_varlen(total, head_dim, nheads, device="cuda"):
+    """Packed documents, causal within each: flashlm varlen vs SDPA with a block-diagonal mask
+    vs FlexAttention document masking vs flashlm dense over the whole pack (no document mask).
+    TFLOP/s counts only the FLOPs inside documents."""
+    import triton.testing
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from flashlm import flash_attn_func, flash_attn_varlen_func
+    lengths = document_lengths(total, seed=total)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32,
+                      device=device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    q, k, v = (torch.randn(total, nheads, head_dim, generator=gen, device=device,
+                           dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    dout = torch.randn_like(q)
+    pos = torch.arange(total, device=device)
+    mask = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])
+    flex = torch.compile(flex_attention, dynamic=False)
+    block_mask = create_block_mask(
+        lambda b, h, qi, ki: (doc[qi] == doc[ki]) & (qi >= ki), None, None, total, total,
+        device=device)
+    bhsd = lambda t: t.transpose(0, 1)[None]
+    fns = {
+        "flashlm varlen": lambda: flash_attn_varlen_func(q, k, v, cu, cu, max(lengths),
+                                                         max(lengths), causal=True),
+        "flashlm dense, no document mask": lambda: flash_attn_func(q[None], k[None], v[None],
+                                                                   causal=True)[0],
+        "SDPA block-diagonal mask": lambda: F.scaled_dot_product_attention(
+            bhsd(q), bhsd(k), bhsd(v), attn_mask=mask)[0].transpose(0, 1),
+        "FlexAttention document mask": lambda: flex(bhsd(q), bhsd(k), bhsd(v),
+                                                    block_mask=block_mask)[0].transpose(0, 1),
+    }
+    useful = sum(4 * nheads * n * n * head_dim / 2 for n in lengths)
+    rows = []
+    for name, fn in fns.items():
+        row = {"provider": name}
+        try:
+            torch.autograd.grad(fn(), (q, k, v), dout)
+            ms_fwd = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            ms_all = triton.testing.do_bench(
+                lambda: torch.autograd.grad(fn(), (q, k, v), dout), warmup=25, rep=100,
+                return_mode="median")
+            row.update(fwd_ms=ms_fwd, fwd_bwd_ms=ms_all,
+                       fwd_tflops=useful / (ms_fwd * 1e-3) / 1e12,
+                       fwd_bwd_tflops=3.5 * useful / (ms_all * 1e-3) / 1e12)
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            row["error"] = str(exc).splitlines()[0][:200]
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(f"varlen total={total} docs={len(lengths)} {name}: "
+              + (row.get("error") or f"fwd {row['fwd_ms']:.2f} ms, fwd+bwd {row['fwd_bwd_ms']:.2f} ms"),
+              flush=True)
+    return {"total_tokens": total, "documents": len(lengths), "head_dim": head_dim,
+            "nheads": nheads, "rows": rows}
+
+
+def bench_window(seqlen, window, head_dim, nheads, device="cuda"):
+    """Causal sliding-window attention: time should grow linearly with seqlen."""
+    import triton.testing
+    from flashlm import flash_attn_func
+    gen = torch.Generator(device=device).manual_seed(seqlen)
+    q, k, v = (torch.randn(1, seqlen, nheads, head_dim, generator=gen, device=device,
+                           dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    dout = torch.randn_like(q)
+    fn = lambda: flash_attn_func(q, k, v, causal=True, window_size=(window, -1))
+    torch.autograd.grad(fn(), (q, k, v), dout)
+    ms_all = triton.testing.do_bench(lambda: torch.autograd.grad(fn(), (q, k, v), dout),
+                                     warmup=25, rep=100, return_mode="median")
+    print(f"window={window} S={seqlen}: fwd+bwd {ms_all:.2f} ms", flush=True)
+    return {"seqlen": seqlen, "window": window, "fwd_bwd_ms": ms_all,
+            "ms_per_1k_tokens": ms_all / (seqlen / 1024)}
+
+
+def varlen_markdown(varlen, window, env):
+    lines = [f"Packed documents and sliding windows, {env['gpu']}, bf16, {env['date']}, "
+             f"commit {str(env['git_commit'])[:10]}. Head dim 128, 16 heads, causal.", "",
+             "| tokens | documents | kernel | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s (in-document) |",
+             "|---|---|---|---|---|---|"]
+    for v in varlen:
+        for r in v["rows"]:
+            if "error" in r:
+                lines.append(f"| {v['total_tokens']} | {v['documents']} | {r['provider']} | "
+                             f"{r['error'][:60]} | - | - |")
+            else:
+                lines.append(f"| {v['total_tokens']} | {v['documents']} | {r['provider']} | "
+                             f"{r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_tflops']:.0f} |")
+    lines += ["", "| sliding window | S | fwd+bwd ms | ms per 1K tokens |", "|---|---|---|---|"]
+    for w in window:
+        lines.append(f"| {w['window']} | {w['seqlen'] // 1024}K | {w['fwd_bwd_ms']:.2f} | "
+                     f"{w['ms_per_1k_tokens']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def environment():
     def git(*args):
         try:
@@ -257,6 +360,18 @@ def main(args):
         env["git_commit"] = args.commit
     if args.explore:
         explore_configs()
+    if args.varlen:
+        import torch._dynamo
+        torch._dynamo.config.cache_size_limit = 256
+        varlen = [bench_varlen(total, 128, 16) for total in (16384, 65536)]
+        window = [bench_window(s, 4096, 128, 16) for s in (16384, 65536, 131072)]
+        with open(os.path.join(args.out, "attention_varlen.json"), "w") as f:
+            json.dump({"env": env, "varlen": varlen, "window": window}, f, indent=1)
+        table = varlen_markdown(varlen, window, env)
+        with open(os.path.join(args.out, "attention_varlen.md"), "w") as f:
+            f.write(table)
+        print(table)
+        return
     results = []
     for head_dim in args.head_dims:
         nheads = args.hidden // head_dim
@@ -297,6 +412,8 @@ def parse_args(argv=None):
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="merge these runs' JSON files into --out instead of measuring")
     p.add_argument("--commit", help="git commit to record when the checkout has no .git")
+    p.add_argument("--varlen", action="store_true",
+                   help="packed-document and sliding-window rows instead of the dense sweep")
     p.add_argument("--explore", action="store_true",
                    help="autotune over wide config lists and record the winners")
     return p.parse_args(argv)
