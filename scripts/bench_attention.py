@@ -48,13 +48,13 @@ def make_attention(provider, causal, seqlen, device):
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
             return out.transpose(1, 2)
         return run
-    import torch._dynamo
-    import torch._functorch.config
+    from torch import _dynamo
+    from torch._functorch import config as functorch_config
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     # One compiled graph per shape: raise the recompile limit so Dynamo never falls back to the
     # eager (materializing) flex_attention, and allow retain_graph for the backward timing.
-    torch._dynamo.config.cache_size_limit = 256
-    torch._functorch.config.donated_buffer = False
+    _dynamo.config.cache_size_limit = 256
+    functorch_config.donated_buffer = False
     flex = torch.compile(flex_attention, dynamic=False)
     block_mask = None
     if causal:
@@ -361,8 +361,8 @@ def main(args):
     if args.explore:
         explore_configs()
     if args.varlen:
-        import torch._dynamo
-        torch._dynamo.config.cache_size_limit = 256
+        from torch import _dynamo
+        _dynamo.config.cache_size_limit = 256
         varlen = [bench_varlen(total, 128, 16) for total in (16384, 65536)]
         window = [bench_window(s, 4096, 128, 16) for s in (16384, 65536, 131072)]
         with open(os.path.join(args.out, "attention_varlen.json"), "w") as f:
