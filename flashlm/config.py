@@ -38,6 +38,8 @@ class GPTConfig:
         initializer_range: std of the normal init; residual output projections use
             ``initializer_range / sqrt(2 * num_hidden_layers)``.
         bos_token_id, eos_token_id, pad_token_id: written to the exported configs.
+        sliding_window: None (full causal attention), or W: each query attends to itself and
+            the W - 1 tokens before it (Mistral's ``sliding_window``; exported as Mistral).
 
     Run-time choices (not part of the exported checkpoint):
         attn_backend: "flash" (flashlm's Triton kernel), "sdpa" (torch), "eager" (materialized
@@ -65,6 +67,7 @@ class GPTConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    sliding_window: int | None = None
     attn_backend: str = "auto"
     gradient_checkpointing: bool = False
     loss_chunk_size: int = 0
@@ -87,6 +90,8 @@ class GPTConfig:
         _check(self.head_dim % 2 == 0, "hidden_size", self.hidden_size,
                f"such that head_dim = hidden_size / num_attention_heads is even for RoPE, "
                f"got head_dim={self.head_dim}")
+        _check(self.sliding_window is None or (_is_int(self.sliding_window) and self.sliding_window > 0),
+               "sliding_window", self.sliding_window, "None or a positive integer (tokens a query sees, itself included)")
         _check(self.attn_backend in ATTN_BACKENDS, "attn_backend", self.attn_backend, f"one of {ATTN_BACKENDS}")
         _check(isinstance(self.tie_word_embeddings, bool), "tie_word_embeddings", self.tie_word_embeddings,
                "a bool")

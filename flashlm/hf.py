@@ -8,8 +8,11 @@ with an index past ``max_shard_size``), ``generation_config.json`` and the token
 Tensor names follow the declared ``HF_NAME_MAP``; the values are copied as they are, since
 flashlm uses transformers' RoPE layout.
 
-Import reads any local Llama-architecture directory with safetensors weights and refuses, naming
-the cause, what flashlm cannot represent exactly.
+A model with a ``sliding_window`` is exported as ``MistralForCausalLM`` instead: Mistral is Llama
+plus that window, with the same tensor names and numerics, and transformers applies the window.
+
+Import reads any local Llama- or Mistral-architecture directory with safetensors weights and
+refuses, naming the cause, what flashlm cannot represent exactly.
 
 ``register_attention()`` adds ``HF_ATTN_IMPLEMENTATION`` to transformers' ``AttentionInterface``
 (and its mask interface), so that after ``import flashlm``::
@@ -64,6 +67,9 @@ _LLAMA_DEFAULTS = {
     "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "head_dim": None,
     "rope_theta": 10000.0,
 }
+# Keys of LlamaConfig that MistralConfig does not have (Mistral never has these biases).
+_LLAMA_ONLY_KEYS = ("attention_bias", "mlp_bias", "pretraining_tp")
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _INDEX = "model.safetensors.index.json"
 
@@ -86,9 +92,10 @@ def hf_names(config):
 
 
 def to_hf_config(config, dtype=torch.float32):
-    """``config.json`` contents for ``config`` as a transformers ``LlamaForCausalLM``."""
+    """``config.json`` contents for ``config`` as a transformers ``LlamaForCausalLM``, or as a
+    ``MistralForCausalLM`` when ``config.sliding_window`` is set (Llama has no window)."""
     rope_parameters = {**(config.rope_scaling or {"rope_type": "default"}), "rope_theta": config.rope_theta}
-    return {
+    values = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": config.vocab_size,
@@ -118,23 +125,34 @@ def to_hf_config(config, dtype=torch.float32):
         "dtype": _DTYPE_NAMES[dtype],
         "torch_dtype": _DTYPE_NAMES[dtype],
     }
+    if config.sliding_window is None:
+        return values
+    for key in _LLAMA_ONLY_KEYS:
+        del values[key]
+    return {**values, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+            "sliding_window": config.sliding_window}
 
 
 def from_hf_config(values, **overrides):
-    """A ``GPTConfig`` from a transformers Llama ``config.json`` dict (v4 or v5 keys).
+    """A ``GPTConfig`` from a transformers Llama or Mistral ``config.json`` dict (v4 or v5 keys).
 
-    Raises UnsupportedCheckpointError for another architecture or a Llama feature flashlm does not
-    implement (biases, another activation, an explicit head_dim, other RoPE types, quantization).
+    Raises UnsupportedCheckpointError for another architecture or a feature flashlm does not
+    implement (biases, another activation, an explicit head_dim, other RoPE types, quantization,
+    per-layer window patterns).
     """
-    model_type, architectures = values.get("model_type"), values.get("architectures") or ["LlamaForCausalLM"]
-    if model_type != "llama":
+    model_type = values.get("model_type")
+    if model_type not in _ARCHITECTURES:
         raise UnsupportedCheckpointError(
             f"config.json has model_type={model_type!r}; flashlm loads Llama-architecture checkpoints "
-            "(model_type 'llama')")
-    if architectures != ["LlamaForCausalLM"]:
+            "(model_type 'llama', or 'mistral' for Llama with a sliding window)")
+    architectures = values.get("architectures") or [_ARCHITECTURES[model_type]]
+    if architectures != [_ARCHITECTURES[model_type]]:
         raise UnsupportedCheckpointError(
             f"config.json has architectures={architectures}; flashlm loads causal language models "
-            "(LlamaForCausalLM)")
+            f"({_ARCHITECTURES[model_type]})")
+    if values.get("layer_types") and len(set(values["layer_types"])) > 1:
+        raise UnsupportedCheckpointError(f"config.json has layer_types={values['layer_types']}; flashlm applies "
+                                         "one attention pattern (full or one sliding window) to every layer")
     get = {**_LLAMA_DEFAULTS, **values}.get
     for key, supported in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if get(key) != supported:
@@ -164,7 +182,7 @@ def from_hf_config(values, **overrides):
         intermediate_size=get("intermediate_size"), rms_norm_eps=get("rms_norm_eps"), rope_theta=rope_theta,
         rope_scaling=rope_scaling, max_position_embeddings=get("max_position_embeddings"),
         tie_word_embeddings=get("tie_word_embeddings"), initializer_range=get("initializer_range"),
-        **token_ids,
+        sliding_window=values.get("sliding_window") if model_type == "mistral" else None, **token_ids,
     )
     return GPTConfig.from_dict({**fields, **overrides})
 
@@ -192,7 +210,7 @@ def _rope_from_hf(values, max_position_embeddings):
 
 
 def save_pretrained(model, save_directory, tokenizer=None, dtype=None, max_shard_size="5GB"):
-    """Write ``model`` as a Hugging Face ``LlamaForCausalLM`` directory.
+    """Write ``model`` as a Hugging Face ``LlamaForCausalLM`` directory (``MistralForCausalLM`` with a window).
 
     Args:
         model: a ``flashlm.GPT``.

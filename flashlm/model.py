@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flashlm.config import GPTConfig
-from flashlm.kernels.attention import flash_attn_func
+from flashlm.kernels.attention import flash_attn_func, flash_attn_varlen_func
 
 logger = logging.getLogger(__name__)
 
@@ -134,24 +134,126 @@ def apply_rotary(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
-def attention(q, k, v, backend):
+@dataclass
+class AttentionMask:
+    """Which keys each query sees, in the form its backend takes; built once per forward pass.
+
+    Attention is always causal. On top of that a sliding window keeps only the last W keys, and
+    packed documents (``cu_seqlens``) keep a query inside its own document.
+
+    window_size: the kernels' (left, right): (W - 1, 0) with a window, else (-1, 0).
+    cu_seqlens: (documents + 1,) int32 on the inputs' device, offsets of the documents in the
+        batch flattened to batch * seqlen tokens (flash only); None without documents.
+    max_seqlen: the longest document (flash only).
+    dense: (batch or 1, seqlen, seqlen) bool, True where query i sees key j (sdpa and eager);
+        None for plain causal attention.
+    """
+
+    window_size: tuple[int, int] = (-1, 0)
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int | None = None
+    dense: torch.Tensor | None = None
+
+
+def check_cu_seqlens(cu_seqlens, batch, seqlen, max_seqlen=None):
+    """Validate packed-document offsets against a (batch, seqlen) input; returns them on the CPU.
+
+    ``cu_seqlens`` must be a 1-D int32 tensor that starts at 0, never decreases (empty documents
+    are allowed), ends at ``batch * seqlen``, and has every row start ``b * seqlen`` among its
+    values (a document never spans two rows). ``max_seqlen``, if given, must be at least the
+    longest document. Raises ValueError naming the first violation.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+        described = (f"a {cu_seqlens.dim()}-D {cu_seqlens.dtype} tensor" if isinstance(cu_seqlens, torch.Tensor)
+                     else type(cu_seqlens).__name__)
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of document offsets, got {described}")
+    cu = cu_seqlens.cpu()
+    total = batch * seqlen
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != total:
+        raise ValueError(f"cu_seqlens={_preview(cu)} does not match the input: it must start at 0 and end at "
+                         f"batch * seqlen = {batch} * {seqlen} = {total}")
+    lengths = cu.diff()
+    if (lengths < 0).any():
+        i = int((lengths < 0).nonzero()[0, 0])
+        raise ValueError(f"cu_seqlens={_preview(cu)} is not monotone: cu_seqlens[{i + 1}]={int(cu[i + 1])} is "
+                         f"below cu_seqlens[{i}]={int(cu[i])}")
+    row_starts = torch.arange(0, total, seqlen, dtype=cu.dtype)
+    crossing = ~torch.isin(row_starts, cu)
+    if crossing.any():
+        b = int(crossing.nonzero()[0, 0])
+        raise ValueError(f"cu_seqlens={_preview(cu)} has a document that spans rows {b - 1} and {b}: every row "
+                         f"start b * seqlen (here {b * seqlen}) must be a document boundary")
+    longest = int(lengths.max())
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"max_seqlen={max_seqlen} is below the longest document in cu_seqlens ({longest} tokens)")
+    return cu
+
+
+def _preview(t, limit=8):
+    values = t.tolist()
+    return str(values) if len(values) <= limit else f"[{', '.join(map(str, values[:limit]))}, ...] ({len(values)} values)"
+
+
+def build_attention_mask(backend, batch, seqlen, device, sliding_window=None, cu_seqlens=None, max_seqlen=None):
+    """The ``AttentionMask`` for ``backend`` ("flash", "sdpa" or "eager").
+
+    ``cu_seqlens`` (validated, on the CPU) marks packed documents; ``sliding_window`` is W or None.
+    """
+    window_size = (sliding_window - 1, 0) if sliding_window else (-1, 0)
+    if backend == "flash":
+        if cu_seqlens is None:
+            return AttentionMask(window_size=window_size)
+        longest = max_seqlen if max_seqlen is not None else int(cu_seqlens.diff().max())
+        return AttentionMask(window_size=window_size, cu_seqlens=cu_seqlens.to(device), max_seqlen=longest)
+    if cu_seqlens is None and not sliding_window:
+        return AttentionMask(window_size=window_size)
+    pos = torch.arange(seqlen, device=device)
+    dense = (pos[None, :] <= pos[:, None])[None]
+    if sliding_window:
+        dense = dense & (pos[:, None] - pos[None, :] < sliding_window)
+    if cu_seqlens is not None:
+        doc = document_index(cu_seqlens).view(batch, seqlen).to(device)
+        dense = dense & (doc[:, :, None] == doc[:, None, :])
+    return AttentionMask(window_size=window_size, dense=dense)
+
+
+def document_index(cu_seqlens):
+    """(total,) int64: for each token of the flattened batch, the index of its document."""
+    lengths = cu_seqlens.diff().long()
+    return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
+
+
+def attention(q, k, v, backend, mask=None):
     """Causal attention over (batch, seqlen, heads, head_dim) q and (batch, seqlen, kv_heads, head_dim) k, v.
 
-    ``backend`` is "flash", "sdpa" or "eager"; the output has q's shape and dtype.
+    ``backend`` is "flash", "sdpa" or "eager"; ``mask`` (an ``AttentionMask`` built for that
+    backend) adds a sliding window and/or document boundaries. The output has q's shape and dtype.
     """
+    mask = mask or AttentionMask()
     if backend == "flash":
-        return flash_attn_func(q, k, v, causal=True)
+        if mask.cu_seqlens is None:
+            return flash_attn_func(q, k, v, causal=True, window_size=mask.window_size)
+        batch, seqlen = q.shape[:2]
+        cu, longest = mask.cu_seqlens, mask.max_seqlen
+        out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, longest, longest,
+                                     causal=True, window_size=mask.window_size)
+        return out.view(batch, seqlen, *out.shape[1:])
     if backend == "sdpa":
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True,
+            is_causal=mask.dense is None, attn_mask=None if mask.dense is None else mask.dense[:, None],
+        )
         return out.transpose(1, 2)
     # Materializes (batch, heads, seqlen, seqlen) scores: the reference, and the memory baseline.
     batch, seqlen, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     q = q.view(batch, seqlen, kv_heads, heads // kv_heads, head_dim)
     scores = torch.einsum("bqhgd,bkhd->bhgqk", q, k) * head_dim**-0.5
-    future = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1)
-    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+    if mask.dense is None:
+        hidden = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1)
+    else:
+        hidden = ~mask.dense[:, None, None]
+    probs = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(v.dtype)
     return torch.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(batch, seqlen, heads, head_dim)
 
 
@@ -165,12 +267,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, backend):
+    def forward(self, x, cos, sin, backend, mask=None):
         batch, seqlen, _ = x.shape
         q = self.q_proj(x).view(batch, seqlen, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
-        out = attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, backend)
+        out = attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, backend, mask)
         return self.o_proj(out.reshape(batch, seqlen, -1))
 
 
@@ -193,8 +295,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, backend):
-        x = x + self.attn(self.attn_norm(x), cos, sin, backend)
+    def forward(self, x, cos, sin, backend, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, backend, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -303,32 +405,44 @@ class GPT(nn.Module):
                 logger.info("attn_backend=auto: using %s attention for %s inputs", backend, device.type)
         return backend
 
-    def forward(self, input_ids, labels=None, position_ids=None):
+    def forward(self, input_ids, labels=None, position_ids=None, cu_seqlens=None, max_seqlen=None):
         """Next-token logits and, with labels, the loss.
 
         Args:
             input_ids: (batch, seqlen) int64.
             labels: optional (batch, seqlen) int64 aligned with input_ids as in transformers: the
                 loss at position t predicts labels[t + 1] from tokens up to t; -100 is ignored.
-            position_ids: optional (batch, seqlen) or (1, seqlen) RoPE positions (default 0..seqlen-1);
-                packed documents may restart them. They only move RoPE: attention stays causal over
-                the whole row.
+            position_ids: optional (batch, seqlen) or (1, seqlen) RoPE positions. They only move
+                RoPE; which tokens attend to which is set by ``cu_seqlens``. Default: 0..seqlen-1,
+                or each token's position in its document when ``cu_seqlens`` is given.
+            cu_seqlens: optional (documents + 1,) int32 offsets of packed documents in the batch
+                flattened to batch * seqlen tokens (FlashAttention's varlen layout, as
+                ``flashlm.data`` batches carry them): attention never crosses a document
+                boundary. Every row start must be a boundary. Bad offsets raise ValueError.
+            max_seqlen: optional int, the longest document (computed from cu_seqlens if None).
 
         Returns:
             GPTOutput with logits (batch, seqlen, vocab) in the activation dtype and loss (fp32).
             With labels and ``config.loss_chunk_size > 0`` the logits are None.
         """
-        seqlen = input_ids.shape[1]
-        if position_ids is None:
-            position_ids = torch.arange(seqlen, device=input_ids.device)[None]
+        batch, seqlen = input_ids.shape
+        device = input_ids.device
+        if cu_seqlens is not None:
+            cu_seqlens = check_cu_seqlens(cu_seqlens, batch, seqlen, max_seqlen)
+        if position_ids is None and cu_seqlens is not None:
+            starts = cu_seqlens[:-1].long()[document_index(cu_seqlens)]
+            position_ids = (torch.arange(batch * seqlen) - starts).view(batch, seqlen).to(device)
+        elif position_ids is None:
+            position_ids = torch.arange(seqlen, device=device)[None]
         cos, sin = self.rope(position_ids)
-        backend = self.attn_backend(input_ids.device)
+        backend = self.attn_backend(device)
+        mask = build_attention_mask(backend, batch, seqlen, device, self.config.sliding_window, cu_seqlens, max_seqlen)
         x = self.embed(input_ids)
         for layer in self.layers:
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, backend, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, backend, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, backend)
+                x = layer(x, cos, sin, backend, mask)
         x = self.norm(x)
         if labels is None:
             return GPTOutput(logits=self.lm_head(x))
@@ -354,12 +468,18 @@ class GPT(nn.Module):
         6 * N for the matmul weights N (every linear layer and the LM head; the embedding lookup
         and norms do no matmul FLOPs), plus causal attention's score and value products:
         forward 2 * 2 * L * H * D * seq_len / 2 per token (QK^T and PV, half of them masked),
-        tripled for forward + backward: 6 * L * H * D * seq_len. Recomputation (gradient
-        checkpointing, flash's backward) is not counted.
+        tripled for forward + backward: 6 * L * H * D * seq_len. With a sliding window W < seq_len
+        a query sees W - W * (W - 1) / (2 * seq_len) keys on average instead of about seq_len / 2.
+        Recomputation (gradient checkpointing, flash's backward) and document masking (which
+        depends on the data) are not counted.
         """
         c = self.config
         matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        attention = 6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+        per_key = 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim
+        attention = per_key * seq_len // 2
+        window = c.sliding_window
+        if window is not None and window < seq_len:
+            attention = per_key * (window - window * (window - 1) / (2 * seq_len))
         return 6 * matmul_params + attention
 
     def save_pretrained(self, save_directory, tokenizer=None, **kwargs):

@@ -111,6 +111,9 @@ class TrainingConfig:
     ckpt_every: int = 0  # 0: checkpoint only at the end
     keep_last: int = 2
     stop_at_step: int | None = None
+    # Attend within documents only: the packed batches' boundaries (cu_seqlens) and per-document
+    # positions go to the model (flash: varlen kernel; sdpa/eager: a block-diagonal mask).
+    document_mask: bool = False
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "seq_len", "keep_last"):

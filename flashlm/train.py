@@ -126,16 +126,28 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def model_inputs(batch: dict[str, Any], document_mask: bool, device: torch.device) -> dict[str, Any]:
+    """The model's arguments for a data batch: the batch's labels (SFT) or its inputs as labels,
+    and with ``document_mask`` the per-document positions and boundaries (cu_seqlens stays on
+    the CPU, where the model validates it)."""
+    input_ids = batch["input_ids"].to(device)
+    inputs = {"input_ids": input_ids, "labels": batch["labels"].to(device) if "labels" in batch else input_ids}
+    if document_mask:
+        inputs |= {"position_ids": batch["position_ids"].to(device), "cu_seqlens": batch["cu_seqlens"],
+                   "max_seqlen": batch["max_seqlen"]}
+    return inputs
+
+
 @torch.no_grad()
-def evaluate(model, batches, accelerator, max_batches: int | None) -> float:
+def evaluate(model, batches, accelerator, max_batches: int | None, document_mask: bool = False) -> float:
     """Mean next-token loss over the held-out batches, averaged over all processes."""
     model.eval()
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        input_ids = batch["input_ids"].to(accelerator.device)
-        total += torch.stack([model(input_ids, labels=input_ids).loss.double(), torch.ones((), device=total.device, dtype=torch.float64)])
+        loss = model(**model_inputs(batch, document_mask, accelerator.device)).loss
+        total += torch.stack([loss.double(), torch.ones((), device=total.device, dtype=torch.float64)])
     model.train()
     total = accelerator.reduce(total, reduction="sum")
     return (total[0] / total[1]).item()
@@ -273,7 +285,7 @@ def main(cfg: Recipe) -> dict[str, Any]:
         accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
     def run_eval() -> float:
-        loss = evaluate(model, _eval_batches(run), accelerator, t.eval_batches)
+        loss = evaluate(model, _eval_batches(run), accelerator, t.eval_batches, t.document_mask)
         log({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
         accelerator.print(f"step {step}: eval loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f}")
         return loss
@@ -302,11 +314,11 @@ def main(cfg: Recipe) -> dict[str, Any]:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=accelerator.device)
         for micro in range(t.grad_accum_steps):
-            input_ids = next(train_loader)["input_ids"].to(accelerator.device)
+            inputs = model_inputs(next(train_loader), t.document_mask, accelerator.device)
             # Gradients are all-reduced only on the last micro-step of the accumulation.
             sync = micro == t.grad_accum_steps - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss = model(input_ids, labels=input_ids).loss
+                loss = model(**inputs).loss
                 accelerator.backward(loss / t.grad_accum_steps)
             loss_sum += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
