@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 
 ATTN_BACKENDS = ("flash", "sdpa", "eager", "auto")
+LOSS_IMPLS = ("chunked", "liger")
+CHECKPOINT_DTYPES = (None, "bfloat16")
 
 # Keys each RoPE scaling accepts, as transformers' Llama reads them: (required, optional).
 ROPE_SCALING_KEYS = {
@@ -47,6 +49,17 @@ class GPTConfig:
         gradient_checkpointing: recompute each decoder layer in the backward pass.
         loss_chunk_size: with labels, compute the LM head and cross-entropy this many tokens at
             a time so the full (tokens, vocab) logits never exist; 0 disables.
+        loss_impl: the fused LM head + cross-entropy used when ``loss_chunk_size > 0``:
+            "chunked" (flashlm's, PyTorch, any device) or "liger" (liger-kernel's Triton kernel,
+            CUDA only, imported on first use; it picks its own chunking).
+        checkpoint_dtype: None, or "bfloat16": keep each checkpointed layer input in bf16 (the
+            residual stream is fp32 under autocast over fp32 weights); the recomputation then
+            starts from the rounded input. Needs gradient_checkpointing.
+        checkpoint_offload: keep the checkpointed layer inputs in pinned CPU memory, copied on a
+            side CUDA stream while the GPU computes. Needs gradient_checkpointing.
+        mlp_chunk_size: run the MLP this many tokens at a time, so that at most that many tokens
+            of (tokens, intermediate_size) activations exist; free under gradient_checkpointing,
+            one extra gate/up projection without it; 0 disables.
 
     Derived:
         head_dim: hidden_size // num_attention_heads.
@@ -71,6 +84,10 @@ class GPTConfig:
     attn_backend: str = "auto"
     gradient_checkpointing: bool = False
     loss_chunk_size: int = 0
+    loss_impl: str = "chunked"
+    checkpoint_dtype: str | None = None
+    checkpoint_offload: bool = False
+    mlp_chunk_size: int = 0
     head_dim: int = field(init=False)
 
     def __post_init__(self):
@@ -99,6 +116,17 @@ class GPTConfig:
                self.gradient_checkpointing, "a bool")
         _check(_is_int(self.loss_chunk_size) and self.loss_chunk_size >= 0, "loss_chunk_size",
                self.loss_chunk_size, "a non-negative integer (0 disables chunking)")
+        _check(self.loss_impl in LOSS_IMPLS, "loss_impl", self.loss_impl, f"one of {LOSS_IMPLS}")
+        _check(self.loss_impl == "chunked" or self.loss_chunk_size > 0, "loss_impl", self.loss_impl,
+               "'chunked' unless loss_chunk_size > 0 (loss_chunk_size=0 materializes the logits)")
+        _check(self.checkpoint_dtype in CHECKPOINT_DTYPES, "checkpoint_dtype", self.checkpoint_dtype,
+               f"one of {CHECKPOINT_DTYPES}")
+        _check(isinstance(self.checkpoint_offload, bool), "checkpoint_offload", self.checkpoint_offload, "a bool")
+        for name in ("checkpoint_dtype", "checkpoint_offload"):
+            _check(self.gradient_checkpointing or not getattr(self, name), name, getattr(self, name),
+                   "unset unless gradient_checkpointing is true (it applies to checkpointed layer inputs)")
+        _check(_is_int(self.mlp_chunk_size) and self.mlp_chunk_size >= 0, "mlp_chunk_size",
+               self.mlp_chunk_size, "a non-negative integer (0 disables chunking)")
         for name in ("bos_token_id", "pad_token_id"):
             value = getattr(self, name)
             _check(value is None or (_is_int(value) and 0 <= value < self.vocab_size), name, value,

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from flashlm.config import GPTConfig
+from flashlm.memory import ActivationOffload, CheckpointOptions, block_forward, checkpoint_block, liger_linear_cross_entropy
 from flashlm.kernels.attention import flash_attn_func, flash_attn_varlen_func
 
 logger = logging.getLogger(__name__)
@@ -308,6 +308,8 @@ def _cross_entropy_chunks(hidden, weight, targets, chunk_size, with_grads):
     """
     valid = targets != IGNORE_INDEX
     count = valid.sum().clamp(min=1)
+    device_type = hidden.device.type
+    matmul_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if with_grads else None
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads else None
@@ -318,9 +320,11 @@ def _cross_entropy_chunks(hidden, weight, targets, chunk_size, with_grads):
         target_logit = logits.gather(1, t.clamp(min=0)[:, None])[:, 0]
         loss += ((lse - target_logit) * ok).sum()
         if with_grads:
-            grad = torch.exp(logits - lse[:, None])
+            # Softmax minus one-hot, in the logits' own buffer: one (chunk, vocab) fp32 tensor
+            # and its copy in the matmul dtype are all a chunk holds.
+            grad = logits.sub_(lse[:, None]).exp_()
             grad[torch.arange(len(t), device=t.device), t.clamp(min=0)] -= 1
-            grad = (grad * (ok[:, None] / count)).to(h.dtype)
+            grad = grad.mul_((ok / count)[:, None]).to(matmul_dtype)
             grad_hidden[start:start + chunk_size] = grad @ weight
             grad_weight += (grad.T @ h).float()
     return loss / count, grad_hidden, grad_weight
@@ -379,6 +383,7 @@ class GPT(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self._logged_backends = set()
+        self._offload_streams = {}
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -438,23 +443,52 @@ class GPT(nn.Module):
         backend = self.attn_backend(device)
         mask = build_attention_mask(backend, batch, seqlen, device, self.config.sliding_window, cu_seqlens, max_seqlen)
         x = self.embed(input_ids)
+        c = self.config
+        attn_args = (cos, sin, backend, mask)
+        checkpointing = c.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        options = self._checkpoint_options(device) if checkpointing else None
         for layer in self.layers:
-            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, backend, mask, use_reentrant=False)
+            if checkpointing:
+                x = checkpoint_block(layer, x, attn_args, options)
+            elif c.mlp_chunk_size:
+                x = block_forward(layer, x, attn_args, c.mlp_chunk_size)
             else:
-                x = layer(x, cos, sin, backend, mask)
+                x = layer(x, *attn_args)
+        if options is not None and options.offload is not None:
+            options.offload.prefetch(c.num_hidden_layers - 1)  # the backward pass starts there
         x = self.norm(x)
         if labels is None:
             return GPTOutput(logits=self.lm_head(x))
-        targets = labels[:, 1:].reshape(-1)
-        if self.config.loss_chunk_size > 0:
-            hidden = x[:, :-1].reshape(-1, x.shape[-1])
-            loss = chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.loss_chunk_size)
+        if c.loss_chunk_size > 0:
+            # A target for every position, IGNORE_INDEX for the last of each row, keeps hidden
+            # a view of x: no copy, and no zero-filled gradient in the backward pass.
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+            hidden = x.reshape(-1, x.shape[-1])
+            if c.loss_impl == "liger":
+                loss = liger_linear_cross_entropy(hidden, self.lm_head.weight, targets, IGNORE_INDEX)
+            else:
+                loss = chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets, c.loss_chunk_size)
             return GPTOutput(logits=None, loss=loss)
+        targets = labels[:, 1:].reshape(-1)
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets,
                                ignore_index=IGNORE_INDEX, reduction="sum")
         return GPTOutput(logits=logits, loss=loss / (targets != IGNORE_INDEX).sum().clamp(min=1))
+
+    def _checkpoint_options(self, device):
+        """The checkpointing levers of one forward pass: a fresh offload buffer each time."""
+        c = self.config
+        offload = None
+        if c.checkpoint_offload:
+            stream = None
+            if device.type == "cuda":
+                # One side stream per device for the host copies, made on first use.
+                stream = self._offload_streams.get(device)
+                if stream is None:
+                    stream = self._offload_streams[device] = torch.cuda.Stream(device)
+            offload = ActivationOffload(stream)
+        save_dtype = getattr(torch, c.checkpoint_dtype) if c.checkpoint_dtype else None
+        return CheckpointOptions(save_dtype=save_dtype, offload=offload, mlp_chunk_size=c.mlp_chunk_size)
 
     def num_params(self, exclude_embeddings=False):
         """Parameter count, shared (tied) tensors once; ``exclude_embeddings`` leaves out the token
