@@ -23,7 +23,8 @@ Public API::
 (text files: "document" = one document per file, "paragraph", "line"), ``eval_fraction`` or
 ``eval_docs`` (held-out documents, chosen before packing), ``streaming``, ``shuffle_buffer``
 (streaming only, in blocks), ``cache_dir`` (None turns the token cache off), ``seed``,
-``num_proc``, ``hub_config``, ``hub_split``.
+``num_proc``, ``hub_config``, ``hub_split``. ``kind="sft"`` reads instruction examples
+instead of documents (``flashlm.sft``, with its own ``truncation`` and ``chat_template``).
 
 Packing: each document is tokenized with the tokenizer's own special tokens (none for the
 bundled tokenizer, BOS for Llama's) and followed by one EOS token, which belongs to the
@@ -39,6 +40,7 @@ A batch is a dict (B = batch_size, S = seq_len)::
     cu_seqlens    (N+1,) int32  FlashAttention varlen offsets of the N segments of the batch
                                 flattened to B*S tokens (rows never share a segment)
     max_seqlen    int           longest segment in the batch
+    labels        (B, S) int64  SFT batches only: the targets, -100 where there is no loss
 
 ``position_ids`` restart inside a row, so they belong with document-masked attention
 (``doc_ids`` / ``cu_seqlens``); a model that attends across documents uses ``arange(S)``.
@@ -106,6 +108,9 @@ class DataConfig:
     num_proc: int = 1  # datasets.map processes; the Rust tokenizer is multithreaded already
     hub_config: str | None = None
     hub_split: str = "train"
+    kind: Literal["text", "sft"] = "text"  # sft: instruction examples, see flashlm.sft
+    truncation: bool = False  # sft: cut an example longer than seq_len (and count it) instead of failing
+    chat_template: str | None = None  # sft: a Jinja chat template replacing the tokenizer's own
 
     def __post_init__(self):
         _check(bool(self.path), "path", self.path, "must name a file, folder, glob or hub dataset")
@@ -121,6 +126,13 @@ class DataConfig:
                "cannot be used with streaming (the stream's length is unknown); set eval_docs")
         _check(self.shuffle_buffer >= 1, "shuffle_buffer", self.shuffle_buffer, "must be >= 1")
         _check(self.num_proc >= 1, "num_proc", self.num_proc, "must be >= 1")
+        _check(self.kind in ("text", "sft"), "kind", self.kind, "must be 'text' or 'sft'")
+        if self.kind == "text":
+            _check(not self.truncation, "truncation", self.truncation, "applies to kind: sft only")
+            _check(self.chat_template is None, "chat_template", self.chat_template, "applies to kind: sft only")
+        else:
+            _check(self.format in ("auto", "jsonl"), "format", self.format, "must be 'jsonl' (or 'auto') for kind: sft")
+            _check(not self.streaming, "streaming", self.streaming, "is not supported for kind: sft")
 
 
 def _check(ok, field, value, why):
@@ -294,12 +306,13 @@ def load_or_tokenize(cfg: DataConfig, tokenizer) -> tuple[TokenizedDocs, bool, P
 @dataclass
 class PackedSplit:
     """Blocks of one split: ``blocks[i]`` is a row of token ids, ``starts[i, j]`` is True
-    where a document begins at column ``j``."""
+    where a document begins at column ``j``; SFT splits also carry the targets."""
 
     blocks: np.ndarray  # (n_blocks, seq_len) uint16/uint32
     starts: np.ndarray  # (n_blocks, seq_len) bool
     n_docs: int
     n_tokens: int  # tokens of the split's documents, the dropped tail included
+    labels: np.ndarray | None = None  # (n_blocks, seq_len) int32, -100 where there is no loss
 
     def __len__(self):
         return len(self.blocks)
@@ -358,6 +371,10 @@ def prepare_data(cfg: DataConfig, tokenizer, seq_len: int):
     Returns ``PackedData``, or ``StreamingData`` when ``cfg.streaming``. Raises ``DataError``
     for bad files, bad settings, or a training split shorter than one block."""
     _check(seq_len >= 2, "seq_len", seq_len, "must be >= 2")
+    if cfg.kind == "sft":
+        from flashlm.sft import prepare_sft_data
+
+        return prepare_sft_data(cfg, tokenizer, seq_len)
     if cfg.streaming:
         return StreamingData(cfg, tokenizer, seq_len)
     docs, from_cache, entry = load_or_tokenize(cfg, tokenizer)
@@ -370,7 +387,7 @@ def prepare_data(cfg: DataConfig, tokenizer, seq_len: int):
     return PackedData(cfg, seq_len, tokenizer.eos_token_id, train, evals, from_cache, entry)
 
 
-def make_batch(blocks: np.ndarray, starts: np.ndarray) -> dict[str, Any]:
+def make_batch(blocks: np.ndarray, starts: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
     """The batch dict of some packed rows (see the module docstring for keys and shapes)."""
     b, s = blocks.shape
     starts = starts.copy()
@@ -379,13 +396,20 @@ def make_batch(blocks: np.ndarray, starts: np.ndarray) -> dict[str, Any]:
     seg_start = np.maximum.accumulate(np.where(starts, col, 0), axis=1)
     flat = np.flatnonzero(starts.reshape(-1))
     cu = np.append(flat, b * s).astype(np.int32)
-    return {
+    batch = {
         "input_ids": torch.from_numpy(blocks.astype(np.int64)),
         "position_ids": torch.from_numpy(col - seg_start),
         "doc_ids": torch.from_numpy(np.cumsum(starts, axis=1) - 1),
         "cu_seqlens": torch.from_numpy(cu),
         "max_seqlen": int(np.diff(cu).max()),
     }
+    if labels is not None:
+        batch["labels"] = torch.from_numpy(labels.astype(np.int64))
+    return batch
+
+
+def _rows(split: PackedSplit, rows) -> dict[str, Any]:
+    return make_batch(split.blocks[rows], split.starts[rows], None if split.labels is None else split.labels[rows])
 
 
 def _check_rank(batch_size, rank, world_size):
@@ -425,7 +449,7 @@ class TrainLoader:
             self.epoch, self.batch = self.epoch + 1, 0
         rows = self._epoch_order()[self.batch * self.batch_size : (self.batch + 1) * self.batch_size]
         self.batch += 1
-        return make_batch(self.split.blocks[rows], self.split.starts[rows])
+        return _rows(self.split, rows)
 
     def state_dict(self) -> dict[str, int]:
         """The data position after the batches returned so far, and what it depends on."""
@@ -463,8 +487,7 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for i in range(0, len(self.rows), self.batch_size):
-            rows = self.rows[i : i + self.batch_size]
-            yield make_batch(self.split.blocks[rows], self.split.starts[rows])
+            yield _rows(self.split, self.rows[i : i + self.batch_size])
 
 
 def build_train_loader(data, *, batch_size: int, rank: int = 0, world_size: int = 1):

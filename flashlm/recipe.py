@@ -187,6 +187,10 @@ class Recipe:
                 "architecture; drop model.preset when fine-tuning"
             )
         _check(
+            self.data.kind != "sft" or self.training.document_mask, "training.document_mask",
+            self.training.document_mask, "must be true for data.kind: sft (packed examples must not see each other)",
+        )
+        _check(
             self.schedule.warmup_steps <= self.training.steps, "schedule.warmup_steps",
             self.schedule.warmup_steps, f"must not exceed training.steps={self.training.steps}",
         )
