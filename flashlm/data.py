@@ -610,7 +610,8 @@ class StreamingTrainLoader:
 def unigram_entropy(data, max_tokens: int | None = None) -> float:
     """Entropy in nats/token of the training tokens' unigram distribution: the loss of a
     model that ignores context. Counts every packed training token of ``PackedData`` (or its
-    first ``max_tokens``); for ``StreamingData``, the first ``max_tokens`` (default 10**6)."""
+    first ``max_tokens``), or for SFT data the tokens that carry a loss (the answers, which is
+    what its loss averages over); for ``StreamingData``, the first ``max_tokens`` (default 10**6)."""
     if isinstance(data, StreamingData):
         limit, parts, n = max_tokens or 10**6, [], 0
         for doc in data.documents(rank=0, world_size=1):
@@ -619,6 +620,8 @@ def unigram_entropy(data, max_tokens: int | None = None) -> float:
             if n >= limit:
                 break
         tokens = np.concatenate(parts)[:limit]
+    elif data.train.labels is not None:
+        tokens = data.train.labels[data.train.labels >= 0][:max_tokens]
     else:
         tokens = data.train.blocks.reshape(-1)[:max_tokens]
     counts = np.bincount(tokens.astype(np.int64))

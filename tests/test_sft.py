@@ -12,7 +12,15 @@ import pytest
 import torch
 import yaml
 
-from flashlm.data import DataConfig, DataError, build_eval_loader, build_train_loader, load_tokenizer, prepare_data
+from flashlm.data import (
+    DataConfig,
+    DataError,
+    build_eval_loader,
+    build_train_loader,
+    load_tokenizer,
+    prepare_data,
+    unigram_entropy,
+)
 from flashlm.model import IGNORE_INDEX
 from flashlm.recipe import RecipeError, recipe_from_dict
 from flashlm.sft import (
@@ -120,6 +128,9 @@ def test_examples_pack_whole_with_boundaries_and_masked_padding(tmp_path, tok):
     assert batch["cu_seqlens"].dtype == torch.int32 and batch["cu_seqlens"][-1] == 192
     assert next(iter(build_eval_loader(data, batch_size=8)))["labels"].shape[1] == 96
     assert "20 examples, none truncated (truncation off); 16 train examples" in data.summary()
+    answers = data.train.labels[data.train.labels != IGNORE_INDEX]  # what the SFT loss averages over
+    p = np.unique(answers, return_counts=True)[1] / len(answers)
+    assert unigram_entropy(data) == pytest.approx(float(-(p * np.log(p)).sum()))
 
 
 def test_truncation_counts_cut_and_dropped_examples(tmp_path, tok):
