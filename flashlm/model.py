@@ -316,13 +316,16 @@ def _cross_entropy_chunks(hidden, weight, targets, chunk_size, with_grads):
     for start in range(0, hidden.shape[0], chunk_size):
         h, t, ok = hidden[start:start + chunk_size], targets[start:start + chunk_size], valid[start:start + chunk_size]
         logits = (h @ weight.T).float()
-        lse = logits.logsumexp(dim=-1)
         target_logit = logits.gather(1, t.clamp(min=0)[:, None])[:, 0]
+        # exp(logits - max), its sum, then softmax minus one-hot, all in the logits' buffer: one
+        # (chunk, vocab) fp32 tensor and its copy in the matmul dtype are all a chunk holds.
+        shift = logits.amax(dim=-1, keepdim=True)
+        exp = logits.sub_(shift).exp_()
+        total = exp.sum(dim=-1)
+        lse = total.log() + shift[:, 0]
         loss += ((lse - target_logit) * ok).sum()
         if with_grads:
-            # Softmax minus one-hot, in the logits' own buffer: one (chunk, vocab) fp32 tensor
-            # and its copy in the matmul dtype are all a chunk holds.
-            grad = logits.sub_(lse[:, None]).exp_()
+            grad = exp.div_(total[:, None])
             grad[torch.arange(len(t), device=t.device), t.clamp(min=0)] -= 1
             grad = grad.mul_((ok / count)[:, None]).to(matmul_dtype)
             grad_hidden[start:start + chunk_size] = grad @ weight

@@ -1,0 +1,157 @@
+"""LM head + cross-entropy without the logits: flashlm's chunked loss against liger-kernel's fused
+linear cross-entropy, and the plain full-logits loss, in one run on the same inputs.
+
+Each case is what a training step does at the top of the model: hidden states (tokens, hidden)
+in fp32 (the residual stream under bf16 autocast over fp32 weights), the LM head (vocab,
+hidden) in fp32, the matmuls under bf16 autocast, then backward to both. Reported: forward +
+backward time (median of ``triton.testing.do_bench``), peak memory above the inputs
+(``max_memory_allocated``), and the loss and gradient differences to the full-logits loss,
+which is also the peer a plain Hugging Face model runs.
+
+    PYTHONPATH=. python3 scripts/bench_loss.py --out results/loss
+
+Writes ``loss.json`` and ``loss.md`` to ``--out``. Needs CUDA; liger-kernel is optional (its
+rows say "not installed" without it).
+"""
+
+import argparse
+import datetime
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flashlm.model import IGNORE_INDEX, chunked_linear_cross_entropy
+
+SHAPES = [(hidden, tokens) for hidden in (768, 2048) for tokens in (8192, 32768, 131072)]
+CHUNKS = (1024, 2048, 4096, 8192)
+VOCAB = 32000
+
+
+def providers():
+    """name -> loss function (hidden, weight, targets); liger only when installed."""
+    out = {"full logits": lambda h, w, t: F.cross_entropy((h @ w.T).float(), t, ignore_index=IGNORE_INDEX)}
+    for chunk in CHUNKS:
+        out[f"flashlm chunk {chunk}"] = lambda h, w, t, chunk=chunk: chunked_linear_cross_entropy(h, w, t, chunk)
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        out["liger"] = None
+    else:
+        out["liger"] = lambda h, w, t: liger_fused_linear_cross_entropy(h, w, t, ignore_index=IGNORE_INDEX)
+    return out
+
+
+def run_case(fn, hidden, weight, targets):
+    """(ms, peak GiB above the inputs, loss, grad_hidden, grad_weight) of forward + backward."""
+    import triton.testing
+
+    def step():
+        hidden.grad, weight.grad = None, None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(hidden, weight, targets)
+        loss.backward()
+        return loss
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    grads = hidden.grad.clone(), weight.grad.clone()
+    ms = triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median")
+    return ms, peak, loss.item(), *grads
+
+
+def bench(device="cuda"):
+    rows = []
+    for hidden_size, tokens in SHAPES:
+        gen = torch.Generator(device=device).manual_seed(tokens + hidden_size)
+        hidden = torch.randn(tokens, hidden_size, device=device, generator=gen).requires_grad_()
+        weight = (torch.randn(VOCAB, hidden_size, device=device, generator=gen) * 0.02).requires_grad_()
+        targets = torch.randint(0, VOCAB, (tokens,), device=device, generator=gen)
+        targets[::97] = IGNORE_INDEX
+        reference = None
+        for name, fn in providers().items():
+            row = {"hidden": hidden_size, "tokens": tokens, "vocab": VOCAB, "provider": name}
+            if fn is None:
+                row["error"] = "not installed"
+            else:
+                try:
+                    ms, peak, loss, grad_h, grad_w = run_case(fn, hidden, weight, targets)
+                except torch.OutOfMemoryError:
+                    row["error"] = "out of memory"
+                else:
+                    row.update(ms=ms, peak_gib=peak, loss=loss, tokens_per_ms=tokens / ms)
+                    if name == "full logits":
+                        reference = loss, grad_h, grad_w
+                    elif reference is not None:
+                        row["loss_diff"] = abs(loss - reference[0])
+                        row["grad_hidden_rel"] = ((grad_h - reference[1]).norm() / reference[1].norm()).item()
+                        row["grad_weight_rel"] = ((grad_w - reference[2]).norm() / reference[2].norm()).item()
+                    del grad_h, grad_w
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del hidden, weight, reference
+        torch.cuda.empty_cache()
+    return rows
+
+
+def environment(commit):
+    def version(module):
+        try:
+            return __import__(module).__version__
+        except ImportError:
+            return None
+    if commit is None:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = None
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+    try:
+        liger = dist_version("liger-kernel")
+    except PackageNotFoundError:
+        liger = None
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": version("triton"),
+            "liger_kernel": liger, "git_commit": commit, "date": datetime.date.today().isoformat()}
+
+
+def markdown(rows, env):
+    lines = [f"LM head + cross-entropy, forward + backward, {env['gpu']}, {env['date']} (torch {env['torch']}, "
+             f"liger-kernel {env['liger_kernel']}, commit {str(env['git_commit'])[:10]}).", "",
+             f"Vocab {VOCAB}, fp32 hidden states and LM head, matmuls under bf16 autocast. Peak: memory above "
+             "the inputs. Differences are to the full-logits loss (relative norm for gradients).", "",
+             "| hidden | tokens | provider | ms | peak GiB | loss diff | grad hidden | grad weight |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        head = f"| {r['hidden']} | {r['tokens'] // 1024}K | {r['provider']} |"
+        if "error" in r:
+            lines.append(f"{head} {r['error']} | - | - | - | - |")
+            continue
+        diffs = (f"{r['loss_diff']:.1e} | {r['grad_hidden_rel']:.1e} | {r['grad_weight_rel']:.1e}"
+                 if "loss_diff" in r else "- | - | -")
+        lines.append(f"{head} {r['ms']:.2f} | {r['peak_gib']:.2f} | {diffs} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args):
+    rows = bench()
+    env = environment(args.commit)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loss.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    (out / "loss.md").write_text(markdown(rows, env))
+    print(markdown(rows, env))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results/loss")
+    parser.add_argument("--commit", help="git commit to record when the checkout has no .git")
+    main(parser.parse_args())

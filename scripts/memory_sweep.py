@@ -1,0 +1,552 @@
+"""Memory sweep: peak memory and tokens/s of real training steps from 4K to 512K context,
+flashlm against a Hugging Face Llama of the same shape, all rows in one run.
+
+Every measurement is a few real training steps of the preset model (random weights, random
+token ids): forward under bf16 autocast over fp32 weights, backward, fused AdamW step. Steps
+hold the same number of tokens at every context (``--tokens-per-step``; the batch shrinks as
+the context grows, down to one row). Peak memory is ``torch.cuda.max_memory_allocated`` over
+the steps (weights, gradients and AdamW state included); tokens/s is timed over the steps
+after the warm-up one(s). Rows:
+
+    flashlm          flash attention + every memory lever (chunked loss, checkpointing with
+                     bf16 inputs offloaded to pinned CPU memory, chunked MLP)
+    flashlm_sdpa     the same levers, torch SDPA attention (cuDNN on an H100)
+    flashlm_eager    the same levers, materialized-softmax attention
+    hf               transformers LlamaForCausalLM, SDPA + gradient checkpointing
+    hf_liger         the same with liger-kernel (apply_liger_kernel_to_llama: fused linear
+                     cross-entropy, RMSNorm, RoPE, SwiGLU)
+  lever ladder (opt in with --rows):
+    flashlm_plain    flash attention, no levers (full logits, no checkpointing)
+    flashlm_ckpt     + chunked loss + checkpointing (fp32 inputs)
+    flashlm_bf16     + bf16 checkpointed inputs
+    flashlm_mlp      + chunked MLP (everything but the offload)
+    flashlm_liger    every lever, with liger-kernel's fused loss instead of flashlm's
+
+An out-of-memory is recorded and ends that row (longer contexts are skipped), as does the row
+time cap; ``--time-budget`` skips whatever would not finish in time, longest contexts last,
+so a run always ends with a complete file. Contexts past 128K run after every row's shorter
+ones. Results are written after every measurement: ``memory_sweep.json`` (GPU, versions, date,
+commit, settings, every measurement), ``memory_sweep.md`` (tables with ratios to hf_liger)
+and, at the end of each row, ``memory_sweep.png`` (memory and tokens/s against context).
+
+    PYTHONPATH=. python3 scripts/memory_sweep.py --preset 1b 100m --out results/memory
+    PYTHONPATH=. python3 scripts/memory_sweep.py --preset 100m --quick
+    PYTHONPATH=. python3 scripts/memory_sweep.py --merge a/memory_sweep.json b/memory_sweep.json --out c
+    PYTHONPATH=. python3 scripts/memory_sweep.py --device cpu --preset debug --contexts 128 256 \
+        --tokens-per-step 256   # dry run of the logic on CPU (peak = live tensor bytes)
+
+Needs neither datasets nor wandb; matplotlib only for the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from flashlm import GPT, GPTConfig
+from flashlm.memory import LiveTensorBytes
+
+K = 1024
+DEFAULT_CONTEXTS = [4 * K, 8 * K, 16 * K, 32 * K, 64 * K, 128 * K, 256 * K, 512 * K]
+# The issue's range: every row runs up to here; past it, by default only the flashlm row.
+BASE_MAX_CONTEXT = 128 * K
+LEVERS = dict(loss_chunk_size=2048, gradient_checkpointing=True, checkpoint_dtype="bfloat16",
+              checkpoint_offload=True, mlp_chunk_size=16384)
+ROWS = {
+    "flashlm": ("flashlm, all levers", dict(attn_backend="flash", **LEVERS)),
+    "flashlm_sdpa": ("flashlm, all levers, SDPA attention", dict(attn_backend="sdpa", **LEVERS)),
+    "flashlm_eager": ("flashlm, all levers, eager attention", dict(attn_backend="eager", **LEVERS)),
+    "hf": ("HF Llama, SDPA + gradient checkpointing", None),
+    "hf_liger": ("HF Llama + liger-kernel, SDPA + gradient checkpointing", None),
+    "flashlm_plain": ("flashlm, no levers", dict(attn_backend="flash")),
+    "flashlm_ckpt": ("flashlm, chunked loss + checkpointing",
+                     dict(attn_backend="flash", loss_chunk_size=2048, gradient_checkpointing=True)),
+    "flashlm_bf16": ("flashlm, + bf16 checkpoints",
+                     dict(attn_backend="flash", loss_chunk_size=2048, gradient_checkpointing=True,
+                          checkpoint_dtype="bfloat16")),
+    "flashlm_mlp": ("flashlm, + chunked MLP (no offload)",
+                    dict(attn_backend="flash", **{**LEVERS, "checkpoint_offload": False})),
+    "flashlm_liger": ("flashlm, all levers, liger loss", dict(attn_backend="flash", **LEVERS, loss_impl="liger")),
+}
+DEFAULT_ROWS = ["flashlm", "flashlm_sdpa", "flashlm_eager", "hf", "hf_liger"]
+# Run order within a preset: the headline rows first, so a tight budget cuts the others.
+ORDER = ["flashlm", "hf_liger", "hf", "flashlm_sdpa", "flashlm_eager", "flashlm_plain", "flashlm_ckpt",
+         "flashlm_bf16", "flashlm_mlp", "flashlm_liger"]
+REFERENCE_ROW = "hf_liger"
+
+
+class SimulatedOutOfMemory(LiveTensorBytes):
+    """On CPU: live tensor bytes, raising torch.OutOfMemoryError past ``limit`` (dry runs)."""
+
+    def __init__(self, baseline, limit):
+        super().__init__()
+        self.baseline, self.limit = baseline, limit
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.limit is not None and self.baseline + self.current > self.limit:
+            raise torch.OutOfMemoryError(f"simulated: {self.baseline + self.current} B live, limit {self.limit} B")
+        return out
+
+
+def is_oom(error):
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "cublas_status_alloc_failed" in text)
+
+
+def model_config(preset, row, max_context):
+    """The GPTConfig of a flashlm row (None for the Hugging Face rows)."""
+    overrides = ROWS[row][1]
+    if overrides is None:
+        return None
+    return GPTConfig.from_preset(preset, max_position_embeddings=max_context, **overrides)
+
+
+@contextlib.contextmanager
+def liger_patched():
+    """apply_liger_kernel_to_llama() for the models built inside, undone on exit (liger patches
+    transformers' Llama module, which the plain HF row must not see)."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    from transformers.models.llama import modeling_llama
+
+    module_state = dict(vars(modeling_llama))
+    forward = modeling_llama.LlamaForCausalLM.forward
+    apply_liger_kernel_to_llama()
+    try:
+        yield
+    finally:
+        for name in [n for n in vars(modeling_llama) if n not in module_state]:
+            delattr(modeling_llama, name)
+        for name, value in module_state.items():
+            if vars(modeling_llama).get(name) is not value:
+                setattr(modeling_llama, name, value)
+        modeling_llama.LlamaForCausalLM.forward = forward
+
+
+def build(preset, row, max_context, device):
+    """(model, loss function of (model, input_ids)) for a row; raises ImportError when a row's
+    library is missing and ValueError when it cannot run on ``device``."""
+    config = model_config(preset, row, max_context)
+    if config is not None:
+        if device.type != "cuda" and (config.attn_backend == "flash" or config.loss_impl == "liger"):
+            raise ValueError("needs CUDA (Triton kernels)")
+        with torch.device(device):
+            model = GPT(config)
+        return model, lambda m, ids: m(ids, labels=ids).loss
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from flashlm.hf import to_hf_config
+
+    values = to_hf_config(GPTConfig.from_preset(preset, max_position_embeddings=max_context))
+    hf_config = LlamaConfig.from_dict({**values, "use_cache": False}, attn_implementation="sdpa")
+    patch = contextlib.nullcontext()
+    if row == "hf_liger":
+        if device.type != "cuda":
+            raise ValueError("needs CUDA (Triton kernels)")
+        patch = liger_patched()
+    with patch, torch.device(device):
+        model = LlamaForCausalLM(hf_config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, lambda m, ids: m(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+def tensor_bytes(model, optimizer):
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    for state in optimizer.state.values():
+        total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    return total
+
+
+class Meter:
+    """Peak memory over a block: the CUDA allocator's peak, or on CPU the live tensor bytes
+    plus what the model and optimizer already hold."""
+
+    def __init__(self, device, model, optimizer, limit):
+        self.device, self.model, self.optimizer, self.limit = device, model, optimizer, limit
+        self.peak = None
+
+    @contextlib.contextmanager
+    def measure(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield
+            torch.cuda.synchronize(self.device)
+            self.peak = max(self.peak or 0, torch.cuda.max_memory_allocated(self.device))
+            return
+        baseline = tensor_bytes(self.model, self.optimizer)
+        with SimulatedOutOfMemory(baseline, self.limit) as live:
+            try:
+                yield
+            finally:
+                self.peak = max(self.peak or 0, baseline + live.peak)
+
+
+def measure(model, loss_fn, optimizer, context, args, device, deadline):
+    """Warm-up and timed training steps at one context; returns the measurement's fields."""
+    batch = max(1, args.tokens_per_step // context)
+    tokens = batch * context
+    gen = torch.Generator(device=device).manual_seed(context)
+    vocab = model.config.vocab_size
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    limit = args.cpu_memory_limit_mb * 2**20 if args.cpu_memory_limit_mb else None
+    meter = Meter(device, model, optimizer, limit)
+
+    def step():
+        ids = torch.randint(0, vocab, (batch, context), device=device, generator=gen)
+        with meter.measure():
+            with autocast:
+                loss = loss_fn(model, ids)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    result = {"batch": batch, "tokens_per_step": tokens}
+    sync()
+    start = time.perf_counter()
+    losses = [step() for _ in range(args.warmup)]
+    sync()
+    warmup_s = time.perf_counter() - start
+    per_step = warmup_s / max(args.warmup, 1)
+    timed = args.steps if per_step <= args.slow_step else 1
+    if time.perf_counter() + timed * per_step > deadline:
+        timed = 0
+        result["note"] = "not timed (time budget)"
+    start = time.perf_counter()
+    losses += [step() for _ in range(timed)]
+    sync()
+    elapsed = time.perf_counter() - start
+    result.update(warmup_s=warmup_s, timed_steps=timed, loss_first=losses[0], loss_last=losses[-1],
+                  peak_gib=meter.peak / 2**30)
+    if timed:
+        result.update(step_s=elapsed / timed, tokens_per_s=tokens * timed / elapsed)
+    if device.type == "cuda":
+        result["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    return result
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def plan(args):
+    """Segments (preset, row, contexts) in run order: every row up to BASE_MAX_CONTEXT first,
+    then the longer contexts."""
+    rows = sorted(args.rows, key=ORDER.index)
+    caps = {row: (max(args.contexts) if row == "flashlm" else BASE_MAX_CONTEXT) for row in rows}
+    for item in args.max_context:
+        row, _, value = item.rpartition("=")
+        for name in ([row] if row else rows):
+            caps[name] = int(value)
+    segments = []
+    for long in (False, True):
+        for preset in args.preset:
+            for row in rows:
+                contexts = [c for c in args.contexts if c <= caps[row] and (c > BASE_MAX_CONTEXT) == long]
+                if contexts:
+                    segments.append((preset, row, contexts))
+    return segments
+
+
+def predicted_seconds(last, context, previous_context, tokens_per_step):
+    """A guess at the next context's cost from the last one's: attention grows with the
+    context, and past one row per step so do the tokens per step."""
+    if last is None:
+        return 0.0
+    growth = context / previous_context
+    return last * (growth * 1.5 if context > tokens_per_step else 1.5)
+
+
+def run(args, record):
+    device = torch.device(args.device)
+    start = time.perf_counter()
+    deadline = start + args.time_budget if args.time_budget else float("inf")
+    stopped = {}  # (preset, row) -> why its longer contexts are skipped
+    row_seconds = {}
+    for preset, row, contexts in plan(args):
+        key = (preset, row)
+        if key in stopped:
+            for context in contexts:
+                record(preset, row, context, status="skipped", reason=stopped[key])
+            continue
+        segment_start = time.perf_counter()
+        try:
+            model, loss_fn = build(preset, row, max(contexts), device)
+        except (ImportError, ValueError) as e:
+            stopped[key] = str(e).splitlines()[0][:120]
+            for context in contexts:
+                record(preset, row, context, status="unavailable", reason=stopped[key])
+            continue
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+        print(f"[{time.perf_counter() - start:6.0f}s] {preset} {row}: built in "
+              f"{time.perf_counter() - segment_start:.1f}s", flush=True)
+        last, previous = None, None
+        for context in contexts:
+            if key in stopped:
+                record(preset, row, context, status="skipped", reason=stopped[key])
+                continue
+            guess = predicted_seconds(last, context, previous, args.tokens_per_step)
+            now = time.perf_counter()
+            if now + guess > deadline:
+                stopped[key] = "time budget"
+            elif row_seconds.get(key, 0.0) + guess > args.row_time_cap:
+                stopped[key] = f"row time cap ({args.row_time_cap:.0f}s)"
+            if key in stopped:
+                record(preset, row, context, status="skipped", reason=stopped[key])
+                continue
+            failure = None
+            try:
+                fields = measure(model, loss_fn, optimizer, context, args, device, deadline)
+            except Exception as e:  # noqa: BLE001 - one row's failure must not end the sweep
+                status = "oom" if is_oom(e) else "error"
+                failure = status, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+                if status == "error":
+                    traceback.print_exc()
+            spent = time.perf_counter() - now
+            row_seconds[key] = row_seconds.get(key, 0.0) + spent
+            if failure is not None:
+                # The exception, and the frames that held the step's tensors, are gone here.
+                optimizer.zero_grad(set_to_none=True)
+                free(device)
+                status, reason = failure
+                stopped[key] = f"{'out of memory' if status == 'oom' else 'error'} at {tokens(context)}"
+                record(preset, row, context, status=status, reason=reason, seconds=spent)
+            else:
+                record(preset, row, context, status="ok", seconds=spent, **fields)
+            last, previous = spent, context
+        del model, optimizer, loss_fn
+        free(device)
+        args.on_segment_end()
+
+
+def environment(args):
+    def version(dist):
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+        try:
+            return dist_version(dist)
+        except PackageNotFoundError:
+            return None
+    commit = args.commit
+    if commit is None:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+                                             stderr=subprocess.DEVNULL).strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = None
+    device = torch.device(args.device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    return {
+        "gpu": gpu, "gpu_memory_gib": total, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "triton": version("triton"), "transformers": version("transformers"), "accelerate": version("accelerate"),
+        "liger_kernel": version("liger-kernel"), "git_commit": commit, "date": datetime.date.today().isoformat(),
+        "python": platform.python_version(), "argv": sys.argv[1:],
+    }
+
+
+def tokens(n):
+    """4096 -> "4K"; counts that are not whole K stay numbers."""
+    return f"{n // K}K" if n % K == 0 else str(n)
+
+
+def gib(value):
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}" if value >= 0.1 else f"{value:.4f}"
+
+
+def per_second(value):
+    return f"{value / 1000:.1f}K" if value >= 1000 else f"{value:.0f}"
+
+
+def _cell(r, field, fmt):
+    if r is None:
+        return "-"
+    if r["status"] == "oom":
+        return "OOM"
+    if r["status"] != "ok":
+        return r["status"]
+    value = r.get(field)
+    return "-" if value is None else fmt(value)
+
+
+def markdown(data):
+    env, results = data["environment"], data["results"]
+    lines = [f"Training-step memory and throughput, {env['gpu']}, {env['date']} (torch {env['torch']}, "
+             f"transformers {env['transformers']}, liger-kernel {env['liger_kernel']}, "
+             f"commit {str(env['git_commit'])[:10]}).", "",
+             "Random weights and token ids; forward under bf16 autocast over fp32 weights, backward, fused "
+             "AdamW. Same tokens per step at every context (batch = tokens per step / context, at least 1). "
+             "Peak: `torch.cuda.max_memory_allocated` over the steps, weights, gradients and AdamW state "
+             "included. Ratios are to HF + liger (memory: lower is better; tokens/s: higher is better).", "",
+             "Rows: " + "; ".join(f"`{r}`: {ROWS[r][0]}" for r in ORDER
+                                  if any(x["row"] == r for x in results)) + ".", ""]
+    for preset in dict.fromkeys(r["preset"] for r in results):
+        mine = [r for r in results if r["preset"] == preset]
+        rows = [r for r in ORDER if any(x["row"] == r for x in mine)]
+        contexts = sorted({r["context"] for r in mine})
+        by = {(r["row"], r["context"]): r for r in mine}
+        steps = sorted({r["tokens_per_step"] for r in mine if "tokens_per_step" in r})
+        lines.append(f"### {preset} (tokens per step: {', '.join(map(tokens, steps)) or '-'})")
+        for title, field, fmt in (("peak memory, GiB", "peak_gib", gib), ("tokens/s", "tokens_per_s", per_second)):
+            ratio_rows = [r for r in rows if r.startswith("flashlm")] if REFERENCE_ROW in rows else []
+            header = ["context", *rows, *(f"{r} / {REFERENCE_ROW}" for r in ratio_rows)]
+            lines += ["", f"{title}:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            for c in contexts:
+                cells = [tokens(c)] + [_cell(by.get((r, c)), field, fmt) for r in rows]
+                ref = by.get((REFERENCE_ROW, c))
+                for r in ratio_rows:
+                    a = by.get((r, c))
+                    if a and ref and a.get(field) and ref.get(field) and a["status"] == ref["status"] == "ok":
+                        cells.append(f"{a[field] / ref[field]:.2f}x")
+                    else:
+                        cells.append("-")
+                lines.append("| " + " | ".join(cells) + " |")
+        notes = {}
+        for r in mine:
+            if r["status"] in ("oom", "error"):
+                notes[r["row"], r["context"]] = f"{r['row']} at {tokens(r['context'])}: {r['reason']}"
+            elif r["status"] in ("unavailable", "skipped") and (r["row"], r["status"]) not in notes:
+                where = "" if r["status"] == "unavailable" else f" from {tokens(r['context'])}"
+                notes[r["row"], r["status"]] = f"{r['row']} {r['status']}{where}: {r['reason']}"
+        notes = list(notes.values())
+        if notes:
+            lines += ["", "Notes: " + "; ".join(notes) + "."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(data, path):
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot", flush=True)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = data["results"]
+    presets = list(dict.fromkeys(r["preset"] for r in results))
+    fig, axes = plt.subplots(2, len(presets), figsize=(6.5 * len(presets), 8), squeeze=False)
+    gpu_gib = data["environment"].get("gpu_memory_gib")
+    for col, preset in enumerate(presets):
+        mine = [r for r in results if r["preset"] == preset]
+        for ax, field, label in ((axes[0][col], "peak_gib", "peak memory (GiB)"),
+                                 (axes[1][col], "tokens_per_s", "tokens/s")):
+            for row in [r for r in ORDER if any(x["row"] == r for x in mine)]:
+                points = sorted((r["context"], r[field]) for r in mine
+                                if r["row"] == row and r["status"] == "ok" and r.get(field) is not None)
+                ooms = [r["context"] for r in mine if r["row"] == row and r["status"] == "oom"]
+                if not points and not ooms:
+                    continue
+                style = "-" if row.startswith("flashlm") else "--"
+                line, = ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=row)
+                for c in ooms:
+                    y = points[-1][1] if points else 0
+                    ax.plot([c], [y], "x", color=line.get_color(), markersize=10)
+                    ax.annotate("OOM", (c, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                                color=line.get_color())
+            if field == "peak_gib" and gpu_gib:
+                ax.axhline(gpu_gib, color="gray", linewidth=0.8, linestyle=":")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context (tokens)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{preset}: {label}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{data['environment']['gpu']}, {data['environment']['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(data, out, with_plot):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory_sweep.json").write_text(json.dumps(data, indent=1))
+    (out / "memory_sweep.md").write_text(markdown(data))
+    if with_plot:
+        plot(data, out / "memory_sweep.png")
+
+
+def main(args):
+    out = Path(args.out)
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        data = {"environment": parts[0]["environment"], "settings": [p["settings"] for p in parts],
+                "results": [r for p in parts for r in p["results"]]}
+        write(data, out, with_plot=True)
+        print(markdown(data))
+        return data
+    data = {"environment": environment(args),
+            "settings": {k: v for k, v in vars(args).items() if k not in ("merge", "on_segment_end")},
+            "results": []}
+    data["settings"]["levers"] = LEVERS
+
+    def record(preset, row, context, **fields):
+        entry = {"preset": preset, "row": row, "context": context, **fields}
+        data["results"].append(entry)
+        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in entry.items()}
+        print(json.dumps(shown), flush=True)
+        write(data, out, with_plot=False)
+
+    args.on_segment_end = lambda: write(data, out, with_plot=True)
+    run(args, record)
+    write(data, out, with_plot=True)
+    print(markdown(data))
+    return data
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", nargs="+", default=["100m"], help="model presets, run in this order")
+    p.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
+    p.add_argument("--contexts", nargs="+", type=int, default=DEFAULT_CONTEXTS)
+    p.add_argument("--max-context", nargs="+", default=[], metavar="[ROW=]N",
+                   help="longest context for a row (ROW=N) or for all rows (N); default 512K for flashlm, "
+                        "128K for the others")
+    p.add_argument("--quick", action="store_true", help="contexts 4K and 16K only, one timed step")
+    p.add_argument("--tokens-per-step", type=int, default=32 * K)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per context (compilation, autotuning)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per context")
+    p.add_argument("--slow-step", type=float, default=20.0,
+                   help="time a single step when a warm-up step took longer than this many seconds")
+    p.add_argument("--row-time-cap", type=float, default=240.0,
+                   help="seconds a (preset, row) may use before its longer contexts are skipped")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole sweep: what would not finish in time is skipped")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the logic")
+    p.add_argument("--cpu-memory-limit-mb", type=float, default=None,
+                   help="CPU dry run: raise out-of-memory past this many MiB of live tensors")
+    p.add_argument("--out", default="results/memory")
+    p.add_argument("--commit", help="git commit to record when the checkout has no .git")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="combine earlier runs' JSON files into one report")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.contexts, args.steps = [4 * K, 16 * K], 1
+    args.contexts = sorted(set(args.contexts))
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
