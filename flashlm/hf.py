@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from flashlm.config import ROPE_SCALING_KEYS, GPTConfig
-from flashlm.kernels.attention import flash_attn_func
+from flashlm.kernels.attention import flash_attn_func, flash_attn_varlen_func
 from flashlm.model import GPT
 
 logger = logging.getLogger(__name__)
@@ -521,25 +521,32 @@ def hf_attention_forward(module, query, key, value, attention_mask, scaling=None
     return out, None
 
 
+def _cu_seqlens(lengths):
+    """(n,) lengths -> (n + 1,) int32 offsets and the longest length, for the varlen kernel."""
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return cu, int(lengths.max()) if lengths.numel() else 0
+
+
 def _attend_unpadded(q, k, v, mask, scale, causal):
-    # Each row keeps only its valid keys and queries; causal attention, aligned bottom-right as the
-    # kernel does it, is then exactly causal-plus-padding, since the queries are the last valid keys.
+    # Each row keeps only its valid keys and queries, packed into one varlen call; causal
+    # attention, aligned bottom-right per sequence as the kernel does it, is then exactly
+    # causal-plus-padding, since the queries are the last valid keys.
     seqlen_q, n = q.shape[1], mask.shape[1]
     key_valid = torch.nn.functional.pad(mask, (0, k.shape[1] - n), value=False)
     query_valid = mask[:, n - seqlen_q:]
+    cu_q, max_q = _cu_seqlens(query_valid.sum(1))
+    cu_k, max_k = _cu_seqlens(key_valid.sum(1))
     out = q.new_zeros(q.shape)
-    for b in range(q.shape[0]):
-        qi, ki = query_valid[b].nonzero()[:, 0], key_valid[b].nonzero()[:, 0]
-        if len(qi):
-            out[b, qi] = flash_attn_func(q[b:b + 1, qi], k[b:b + 1, ki], v[b:b + 1, ki],
-                                         softmax_scale=scale, causal=causal)[0]
+    out[query_valid] = flash_attn_varlen_func(q[query_valid], k[key_valid], v[key_valid], cu_q, cu_k,
+                                              max_q, max_k, softmax_scale=scale, causal=causal)
     return out
 
 
 def _attend_documents(q, k, v, doc_ids, scale, causal):
-    outs = []
-    for b in range(q.shape[0]):
-        lengths = torch.unique_consecutive(doc_ids[b], return_counts=True)[1].tolist()
-        pieces = zip(q[b:b + 1].split(lengths, 1), k[b:b + 1].split(lengths, 1), v[b:b + 1].split(lengths, 1))
-        outs.append(torch.cat([flash_attn_func(*p, softmax_scale=scale, causal=causal) for p in pieces], dim=1))
-    return torch.cat(outs)
+    # Every row's documents, in order, become the sequences of one varlen call.
+    lengths = torch.cat([torch.unique_consecutive(row, return_counts=True)[1] for row in doc_ids])
+    cu, max_len = _cu_seqlens(lengths)
+    batch, seqlen = q.shape[:2]
+    flat = [t.reshape(batch * seqlen, *t.shape[2:]) for t in (q, k, v)]
+    out = flash_attn_varlen_func(*flat, cu, cu, max_len, max_len, softmax_scale=scale, causal=causal)
+    return out.reshape(q.shape)
