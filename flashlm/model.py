@@ -35,6 +35,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # The same formula as one op (the residual stream under autocast is fp32): on CUDA a
+            # fused kernel whose backward keeps x and the inverse RMS, not the normalized tensor.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -269,9 +273,15 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, backend, mask=None):
         batch, seqlen, _ = x.shape
-        q = self.q_proj(x).view(batch, seqlen, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
+        # One product for q, k and v: autocast casts the input once and the backward pass keeps
+        # that one copy (three separate projections would each keep their own).
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        q, k, v = F.linear(x, weight).split([self.q_proj.out_features, self.k_proj.out_features,
+                                              self.v_proj.out_features], dim=-1)
+        q = q.view(batch, seqlen, self.num_heads, self.head_dim)
+        k = k.view(batch, seqlen, self.num_kv_heads, self.head_dim)
+        # A copy of v of its own: a view would keep the whole q|k|v product alive until backward.
+        v = v.reshape(batch, seqlen, self.num_kv_heads, self.head_dim).contiguous()
         out = attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, backend, mask)
         return self.o_proj(out.reshape(batch, seqlen, -1))
 
@@ -284,7 +294,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # gate and up as one product, for the same reason as Attention's q, k, v.
+        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
