@@ -81,7 +81,7 @@ ROWS = {
 }
 DEFAULT_ROWS = ["flashlm", "flashlm_sdpa", "flashlm_eager", "hf", "hf_liger"]
 # Run order within a preset: the headline rows first, so a tight budget cuts the others.
-ORDER = ["flashlm", "hf_liger", "hf", "flashlm_sdpa", "flashlm_eager", "flashlm_plain", "flashlm_ckpt",
+ORDER = ["flashlm", "hf", "hf_liger", "flashlm_sdpa", "flashlm_eager", "flashlm_plain", "flashlm_ckpt",
          "flashlm_bf16", "flashlm_mlp", "flashlm_liger"]
 REFERENCE_ROW = "hf_liger"
 
@@ -123,7 +123,8 @@ def liger_patched():
     from transformers.models.llama import modeling_llama
 
     module_state = dict(vars(modeling_llama))
-    forward = modeling_llama.LlamaForCausalLM.forward
+    classes = {cls: {k: v for k, v in vars(cls).items() if not k.startswith("__")}
+               for cls in module_state.values() if isinstance(cls, type) and cls.__module__ == modeling_llama.__name__}
     apply_liger_kernel_to_llama()
     try:
         yield
@@ -133,7 +134,12 @@ def liger_patched():
         for name, value in module_state.items():
             if vars(modeling_llama).get(name) is not value:
                 setattr(modeling_llama, name, value)
-        modeling_llama.LlamaForCausalLM.forward = forward
+        for cls, attrs in classes.items():
+            for name in [n for n in vars(cls) if not n.startswith("__") and n not in attrs]:
+                delattr(cls, name)
+            for name, value in attrs.items():
+                if vars(cls).get(name) is not value:
+                    setattr(cls, name, value)
 
 
 def build(preset, row, max_context, device):
@@ -241,6 +247,8 @@ def measure(model, loss_fn, optimizer, context, args, device, deadline):
         result.update(step_s=elapsed / timed, tokens_per_s=tokens * timed / elapsed)
     if device.type == "cuda":
         result["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        if hasattr(torch.cuda, "host_memory_stats"):  # pinned host memory held, offload buffers included
+            result["host_pinned_gib"] = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) / 2**30
     return result
 
 
@@ -249,6 +257,11 @@ def free(device):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        # Cached pinned blocks (offloaded activations) go back too; the name differs by version.
+        for name in ("_host_emptyCache", "_accelerator_emptyHostCache"):
+            if hasattr(torch._C, name):
+                getattr(torch._C, name)()
+                break
 
 
 def plan(args):

@@ -138,3 +138,28 @@ def test_memory_sweep_dry_run_records_oom_and_skips_longer_contexts(tmp_path):
     table = (out / "memory_sweep.md").read_text()
     assert re.search(r"\| 512 \| unavailable \| 0\.\d+ \| OOM \|", table) and "out of memory at 512" in table
     assert (out / "memory_sweep.png").stat().st_size > 0
+
+
+def test_memory_sweep_undoes_liger_patches(monkeypatch):
+    """The plain HF row must not run liger's kernels: whatever apply_liger_kernel_to_llama
+    patches in transformers' Llama module (module names, class methods) is restored."""
+    import types
+
+    from transformers.models.llama import modeling_llama as llama
+
+    sweep = script("memory_sweep")
+    before = (llama.LlamaRMSNorm, llama.LlamaMLP, llama.apply_rotary_pos_emb, llama.LlamaForCausalLM.forward)
+
+    def fake_apply(**kwargs):  # patches the way liger-kernel does
+        llama.LlamaRMSNorm, llama.LlamaMLP, llama.apply_rotary_pos_emb = object, object, None
+        llama.LlamaForCausalLM.forward = lambda self: None
+        llama.LlamaModel.added_by_liger = True
+
+    transformers_module = types.ModuleType("liger_kernel.transformers")
+    transformers_module.apply_liger_kernel_to_llama = fake_apply
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", transformers_module)
+    with sweep.liger_patched():
+        assert llama.LlamaMLP is object
+    after = (llama.LlamaRMSNorm, llama.LlamaMLP, llama.apply_rotary_pos_emb, llama.LlamaForCausalLM.forward)
+    assert all(a is b for a, b in zip(before, after)) and not hasattr(llama.LlamaModel, "added_by_liger")
