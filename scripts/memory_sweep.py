@@ -23,9 +23,9 @@ after the warm-up one(s). Rows:
     flashlm_liger    every lever, with liger-kernel's fused loss instead of flashlm's
 
 An out-of-memory is recorded and ends that row (longer contexts are skipped), as does the row
-time cap; ``--time-budget`` skips whatever would not finish in time, longest contexts last,
-so a run always ends with a complete file. Contexts past 128K run after every row's shorter
-ones. Results are written after every measurement: ``memory_sweep.json`` (GPU, versions, date,
+time cap; ``--time-budget`` skips whatever would not finish in time, so a run always ends with
+a complete file. The order puts what a tight budget should keep first: flashlm and HF + liger
+up to 128K, then flashlm at 256K, then the other rows, then the longest contexts. Results are written after every measurement: ``memory_sweep.json`` (GPU, versions, date,
 commit, settings, every measurement), ``memory_sweep.md`` (tables with ratios to hf_liger)
 and, at the end of each row, ``memory_sweep.png`` (memory and tokens/s against context).
 
@@ -84,6 +84,7 @@ DEFAULT_ROWS = ["flashlm", "flashlm_sdpa", "flashlm_eager", "hf", "hf_liger"]
 ORDER = ["flashlm", "hf", "hf_liger", "flashlm_sdpa", "flashlm_eager", "flashlm_plain", "flashlm_ckpt",
          "flashlm_bf16", "flashlm_mlp", "flashlm_liger"]
 REFERENCE_ROW = "hf_liger"
+FIRST_GUESS = 15.0
 
 
 class SimulatedOutOfMemory(LiveTensorBytes):
@@ -264,30 +265,38 @@ def free(device):
                 break
 
 
+def tier(row, context):
+    """Run order, so that a tight --time-budget cuts the least important measurements: 1. flashlm
+    and HF + liger up to 128K (the comparison), 2. flashlm at 256K, 3. the other rows up to 128K,
+    4. everything longer."""
+    if context <= BASE_MAX_CONTEXT:
+        return 1 if row in ("flashlm", REFERENCE_ROW) else 3
+    return 2 if row == "flashlm" and context <= 2 * BASE_MAX_CONTEXT else 4
+
+
 def plan(args):
-    """Segments (preset, row, contexts) in run order: every row up to BASE_MAX_CONTEXT first,
-    then the longer contexts."""
+    """Segments (preset, row, contexts) in run order: by tier, then preset (as given), then row."""
     rows = sorted(args.rows, key=ORDER.index)
     caps = {row: (max(args.contexts) if row == "flashlm" else BASE_MAX_CONTEXT) for row in rows}
     for item in args.max_context:
         row, _, value = item.rpartition("=")
         for name in ([row] if row else rows):
             caps[name] = int(value)
-    segments = []
-    for long in (False, True):
-        for preset in args.preset:
-            for row in rows:
-                contexts = [c for c in args.contexts if c <= caps[row] and (c > BASE_MAX_CONTEXT) == long]
-                if contexts:
-                    segments.append((preset, row, contexts))
-    return segments
+    segments = {}
+    for p, preset in enumerate(args.preset):
+        for row in rows:
+            for context in (c for c in args.contexts if c <= caps[row]):
+                key = (tier(row, context), p, ORDER.index(row))
+                segments.setdefault(key, (preset, row, []))[2].append(context)
+    return [segments[key] for key in sorted(segments)]
 
 
 def predicted_seconds(last, context, previous_context, tokens_per_step):
     """A guess at the next context's cost from the last one's: attention grows with the
-    context, and past one row per step so do the tokens per step."""
+    context, and past one row per step so do the tokens per step. A row's first context is
+    guessed at FIRST_GUESS seconds (building the model, compiling)."""
     if last is None:
-        return 0.0
+        return FIRST_GUESS
     growth = context / previous_context
     return last * (growth * 1.5 if context > tokens_per_step else 1.5)
 
@@ -297,7 +306,8 @@ def run(args, record):
     start = time.perf_counter()
     deadline = start + args.time_budget if args.time_budget else float("inf")
     stopped = {}  # (preset, row) -> why its longer contexts are skipped
-    row_seconds = {}
+    row_seconds = {}  # (preset, row) -> seconds spent measuring it
+    history = {}  # (preset, row) -> (seconds, context) of its last measurement
     for preset, row, contexts in plan(args):
         key = (preset, row)
         if key in stopped:
@@ -316,7 +326,7 @@ def run(args, record):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
         print(f"[{time.perf_counter() - start:6.0f}s] {preset} {row}: built in "
               f"{time.perf_counter() - segment_start:.1f}s", flush=True)
-        last, previous = None, None
+        last, previous = history.get(key, (None, None))
         for context in contexts:
             if key in stopped:
                 record(preset, row, context, status="skipped", reason=stopped[key])
@@ -350,6 +360,7 @@ def run(args, record):
             else:
                 record(preset, row, context, status="ok", seconds=spent, **fields)
             last, previous = spent, context
+            history[key] = (spent, context)
         del model, optimizer, loss_fn
         free(device)
         args.on_segment_end()
@@ -536,13 +547,13 @@ def parse_args(argv=None):
     p.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
     p.add_argument("--contexts", nargs="+", type=int, default=DEFAULT_CONTEXTS)
     p.add_argument("--max-context", nargs="+", default=[], metavar="[ROW=]N",
-                   help="longest context for a row (ROW=N) or for all rows (N); default 512K for flashlm, "
+                   help="longest context for a row (ROW=N) or for all rows (N), applied in order; default 512K for flashlm, "
                         "128K for the others")
     p.add_argument("--quick", action="store_true", help="contexts 4K and 16K only, one timed step")
     p.add_argument("--tokens-per-step", type=int, default=32 * K)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per context (compilation, autotuning)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per context")
-    p.add_argument("--slow-step", type=float, default=20.0,
+    p.add_argument("--slow-step", type=float, default=8.0,
                    help="time a single step when a warm-up step took longer than this many seconds")
     p.add_argument("--row-time-cap", type=float, default=240.0,
                    help="seconds a (preset, row) may use before its longer contexts are skipped")
