@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashlm.config import GPTConfig
-from flashlm.memory import ActivationOffload, CheckpointOptions, block_forward, checkpoint_block, liger_linear_cross_entropy
+from flashlm.memory import (ActivationOffload, CheckpointOptions, block_forward, checkpoint_block,
+                            liger_linear_cross_entropy)
 from flashlm.kernels.attention import flash_attn_func, flash_attn_varlen_func
 
 logger = logging.getLogger(__name__)

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-INTRO = "Somewhere in the long text below there is a pass key. Find it and keep it in mind; you will be asked for it.\n\n"
+INTRO = ("Somewhere in the long text below there is a pass key. Find it and keep it in mind; "
+         "you will be asked for it.\n\n")
 NEEDLE = "\n\nThe pass key is {key}. Remember it: {key}.\n\n"
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 ANSWER = " {key}"
@@ -255,7 +256,8 @@ def summary(report):
         lines.append(f"| {b['start']}-{b['end']} | {b['tokens']} | {b['loss']:.3f} | {b['ppl']:.2f} |")
     lines += ["", "| depth | key | predicted | correct |", "|---|---|---|---|"]
     for t in k["trials"]:
-        lines.append(f"| {t['depth']:.2f} | {t['key']} | {t['predicted'].strip()!r} | {'yes' if t['correct'] else 'no'} |")
+        correct = "yes" if t["correct"] else "no"
+        lines.append(f"| {t['depth']:.2f} | {t['key']} | {t['predicted'].strip()!r} | {correct} |")
     return "\n".join(lines)
 
 
@@ -264,7 +266,8 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, help="flashlm run directory or checkpoint, or a Hugging Face directory")
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--tokenizer", help="default: the run's recipe's tokenizer, or the Hugging Face directory")
-    p.add_argument("--data", help="held-out documents (jsonl, text files, folder or glob); default: the run's eval split")
+    p.add_argument("--data", help="held-out documents (jsonl, text files, folder or glob); "
+                                  "default: the run's eval split")
     p.add_argument("--windows", type=int, default=4, help="perplexity windows, at most")
     p.add_argument("--buckets", type=int, default=8, help="position buckets, halving towards the start")
     p.add_argument("--passkey-trials", type=int, default=10, help="keys at depths evenly spread over 0..1")

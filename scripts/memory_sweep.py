@@ -25,9 +25,10 @@ after the warm-up one(s). Rows:
 An out-of-memory is recorded and ends that row (longer contexts are skipped), as does the row
 time cap; ``--time-budget`` skips whatever would not finish in time, so a run always ends with
 a complete file. The order puts what a tight budget should keep first: flashlm and HF + liger
-up to 128K, then flashlm at 256K, then the other rows, then the longest contexts. Results are written after every measurement: ``memory_sweep.json`` (GPU, versions, date,
-commit, settings, every measurement), ``memory_sweep.md`` (tables with ratios to hf_liger)
-and, at the end of each row, ``memory_sweep.png`` (memory and tokens/s against context).
+up to 128K, then flashlm at 256K, then the other rows, then the longest contexts. Results are
+written after every measurement: ``memory_sweep.json`` (GPU, versions, date, commit, settings,
+every measurement), ``memory_sweep.md`` (tables with ratios to hf_liger) and, at the end of each
+row, ``memory_sweep.png`` (memory and tokens/s against context).
 
     PYTHONPATH=. python3 scripts/memory_sweep.py --preset 1b 100m --out results/memory
     PYTHONPATH=. python3 scripts/memory_sweep.py --preset 100m --quick
@@ -547,7 +548,8 @@ def parse_args(argv=None):
     p.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
     p.add_argument("--contexts", nargs="+", type=int, default=DEFAULT_CONTEXTS)
     p.add_argument("--max-context", nargs="+", default=[], metavar="[ROW=]N",
-                   help="longest context for a row (ROW=N) or for all rows (N), applied in order; default 512K for flashlm, "
+                   help="longest context for a row (ROW=N) or for all rows (N), applied in order; "
+                        "default 512K for flashlm, "
                         "128K for the others")
     p.add_argument("--quick", action="store_true", help="contexts 4K and 16K only, one timed step")
     p.add_argument("--tokens-per-step", type=int, default=32 * K)

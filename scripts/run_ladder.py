@@ -15,9 +15,10 @@ Stage ``s`` runs::
 ``--tokens-per-stage`` sets each stage's steps to cover that many tokens (at least one step)
 and shortens its warmup to at most a fifth of them; tokens per step come from the recipe and
 the Accelerate config's process count. A stage whose run already finished is not trained again
-and one that was interrupted resumes, so a stopped ladder continues where it stopped. Every stage's recipe is validated before the
-first one starts. At the end, ``<out>/ladder.md`` and ``ladder.json`` list per stage: context,
-rope_theta, steps, tokens seen, held-out loss, loss by position and passkey accuracy.
+and one that was interrupted resumes, so a stopped ladder continues where it stopped. Every
+stage's recipe is validated before the first one starts. At the end, ``<out>/ladder.md`` and
+``ladder.json`` list per stage: context, rope_theta, steps, tokens seen, held-out loss, loss by
+position and passkey accuracy.
 
 The data's token cache (``data.cache_dir``) lets a machine without the ``datasets`` package
 train and evaluate: build it once where ``datasets`` is installed (any run of the first stage
@@ -136,7 +137,9 @@ def summarize(stages, out):
              "passkey exact (answer tokens) | tokens/s | peak GB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ends = (f"{r['first_bucket_loss']:.3f} / {r['last_bucket_loss']:.3f}" if "last_bucket_loss" in r else "-")
-        passkey = (f"{r['passkey']:.0%} ({r['passkey_tokens']:.0%}) of {r['passkey_trials']}" if "passkey" in r else "-")
+        passkey = "-"
+        if "passkey" in r:
+            passkey = f"{r['passkey']:.0%} ({r['passkey_tokens']:.0%}) of {r['passkey_trials']}"
         lines.append(f"| {r['stage']} | {r['seq_len']} | {fmt(r['rope_theta'], 'g')} | {r['steps']} | "
                      f"{fmt(r.get('tokens_seen'), ',')} | {fmt(r.get('eval_loss'), '.3f')} | {ends} | {passkey} | "
                      f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('peak_mem_gb'), '.1f')} |")
