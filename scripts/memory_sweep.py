@@ -309,8 +309,21 @@ def run(args, record):
     stopped = {}  # (preset, row) -> why its longer contexts are skipped
     row_seconds = {}  # (preset, row) -> seconds spent measuring it
     history = {}  # (preset, row) -> (seconds, context) of its last measurement
+
+    def out_of_time(key, context):
+        """Why ``context`` is not started for ``key`` (None: it is)."""
+        last, previous = history.get(key, (None, None))
+        guess = predicted_seconds(last, context, previous, args.tokens_per_step)
+        if time.perf_counter() + guess > deadline:
+            return "time budget"
+        if row_seconds.get(key, 0.0) + guess > args.row_time_cap:
+            return f"row time cap ({args.row_time_cap:.0f}s)"
+        return None
+
     for preset, row, contexts in plan(args):
         key = (preset, row)
+        if key not in stopped and (reason := out_of_time(key, contexts[0])):
+            stopped[key] = reason  # decided before building the model
         if key in stopped:
             for context in contexts:
                 record(preset, row, context, status="skipped", reason=stopped[key])
@@ -327,20 +340,13 @@ def run(args, record):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
         print(f"[{time.perf_counter() - start:6.0f}s] {preset} {row}: built in "
               f"{time.perf_counter() - segment_start:.1f}s", flush=True)
-        last, previous = history.get(key, (None, None))
         for context in contexts:
+            if key not in stopped and (reason := out_of_time(key, context)):
+                stopped[key] = reason
             if key in stopped:
                 record(preset, row, context, status="skipped", reason=stopped[key])
                 continue
-            guess = predicted_seconds(last, context, previous, args.tokens_per_step)
             now = time.perf_counter()
-            if now + guess > deadline:
-                stopped[key] = "time budget"
-            elif row_seconds.get(key, 0.0) + guess > args.row_time_cap:
-                stopped[key] = f"row time cap ({args.row_time_cap:.0f}s)"
-            if key in stopped:
-                record(preset, row, context, status="skipped", reason=stopped[key])
-                continue
             failure = None
             try:
                 fields = measure(model, loss_fn, optimizer, context, args, device, deadline)
@@ -360,7 +366,6 @@ def run(args, record):
                 record(preset, row, context, status=status, reason=reason, seconds=spent)
             else:
                 record(preset, row, context, status="ok", seconds=spent, **fields)
-            last, previous = spent, context
             history[key] = (spent, context)
         del model, optimizer, loss_fn
         free(device)
