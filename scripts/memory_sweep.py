@@ -562,7 +562,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2, help="timed steps per context")
     p.add_argument("--slow-step", type=float, default=8.0,
                    help="time a single step when a warm-up step took longer than this many seconds")
-    p.add_argument("--row-time-cap", type=float, default=240.0,
+    p.add_argument("--row-time-cap", type=float, default=300.0,
                    help="seconds a (preset, row) may use before its longer contexts are skipped")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole sweep: what would not finish in time is skipped")

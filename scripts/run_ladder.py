@@ -160,8 +160,8 @@ def main(args):
             run(stage["train"] + (["--resume"] if done is not None else []), env, args.dry_run)
         if args.eval:
             run(stage["eval"], env, args.dry_run)
-    if not args.dry_run:
-        summarize(stages, Path(args.out))
+        if not args.dry_run:  # after every stage, so a ladder cut short still has its table
+            summarize(stages[:stages.index(stage) + 1], Path(args.out))
     return stages
 
 
