@@ -230,20 +230,21 @@ def test_liger_missing_is_a_clear_error(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: offload streams and liger-kernel")
 def test_levers_on_cuda():
-    """On the GPU: offload through pinned memory and side streams is exact, and the liger
-    loss (when installed) matches the chunked loss."""
+    """On the GPU: offload through pinned memory and side streams gives what keeping the
+    inputs on the GPU gives, and the liger loss (when installed) matches the chunked loss.
+    Eager attention, and a tolerance: CUDA backward kernels may sum in any order."""
     ids = batch(seqlen=257).cuda()
 
     def cuda_run(overrides):
         torch.manual_seed(1)
-        model = GPT(GPTConfig(**{**TINY, **overrides})).cuda()
+        model = GPT(GPTConfig(**{**TINY, "attn_backend": "eager", **overrides})).cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(ids, labels=ids).loss
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     kept = dict(CHECKPOINTED, checkpoint_dtype="bfloat16", loss_chunk_size=64)
-    assert_same(cuda_run(dict(kept, checkpoint_offload=True)), cuda_run(kept))
+    assert_close(cuda_run(dict(kept, checkpoint_offload=True)), cuda_run(kept), rtol=1e-5)
     try:
         import liger_kernel  # noqa: F401
     except ImportError:
