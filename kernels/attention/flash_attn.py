@@ -445,8 +445,10 @@ def _is_interpreted(kernel):
 
 def _seq_bucket(seqlen):
     """Autotuning key: sequence lengths rounded to powers of two, so a 1K..128K sweep tunes
-    once per octave rather than once per length."""
-    return triton.next_power_of_2(max(int(seqlen), 16))
+    once per octave rather than once per length. Past 128K the best tiles no longer change
+    (the work per program is the same, only the grid grows), so longer sequences reuse the
+    128K tuning instead of paying for a sweep at every octave."""
+    return min(triton.next_power_of_2(max(int(seqlen), 16)), 131072)
 
 
 def _configs(kind):
