@@ -363,14 +363,20 @@ def main(args):
     if args.varlen:
         from torch import _dynamo
         _dynamo.config.cache_size_limit = 256
-        varlen = [bench_varlen(total, 128, 16) for total in (16384, 65536)]
-        window = [bench_window(s, 4096, 128, 16) for s in (16384, 65536, 131072)]
-        with open(os.path.join(args.out, "attention_varlen.json"), "w") as f:
-            json.dump({"env": env, "varlen": varlen, "window": window}, f, indent=1)
-        table = varlen_markdown(varlen, window, env)
-        with open(os.path.join(args.out, "attention_varlen.md"), "w") as f:
-            f.write(table)
-        print(table)
+        varlen, window = [], []
+
+        def save():  # after every row, so a run cut short still leaves its results
+            with open(os.path.join(args.out, "attention_varlen.json"), "w") as f:
+                json.dump({"env": env, "varlen": varlen, "window": window}, f, indent=1)
+            with open(os.path.join(args.out, "attention_varlen.md"), "w") as f:
+                f.write(varlen_markdown(varlen, window, env))
+        for total in (16384, 65536):
+            varlen.append(bench_varlen(total, 128, 16))
+            save()
+        for seqlen in (16384, 65536, 131072):
+            window.append(bench_window(seqlen, 4096, 128, 16))
+            save()
+        print(varlen_markdown(varlen, window, env))
         return
     results = []
     for head_dim in args.head_dims:

@@ -145,30 +145,33 @@ def liger_patched():
 
 
 def build(preset, row, max_context, device):
-    """(model, loss function of (model, input_ids)) for a row; raises ImportError when a row's
-    library is missing and ValueError when it cannot run on ``device``."""
+    """(model, loss function of (model, input_ids), patches) for a row; raises ImportError when
+    a row's library is missing and ValueError when it cannot run on ``device``. ``patches`` is an
+    ExitStack holding whatever the row patched (liger-kernel's changes to transformers' Llama,
+    whose loss patch lives on the class and so must stay for the row's steps); close it after
+    the row."""
+    patches = contextlib.ExitStack()
     config = model_config(preset, row, max_context)
     if config is not None:
         if device.type != "cuda" and (config.attn_backend == "flash" or config.loss_impl == "liger"):
             raise ValueError("needs CUDA (Triton kernels)")
         with torch.device(device):
             model = GPT(config)
-        return model, lambda m, ids: m(ids, labels=ids).loss
+        return model, lambda m, ids: m(ids, labels=ids).loss, patches
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from flashlm.hf import to_hf_config
 
     values = to_hf_config(GPTConfig.from_preset(preset, max_position_embeddings=max_context))
     hf_config = LlamaConfig.from_dict({**values, "use_cache": False}, attn_implementation="sdpa")
-    patch = contextlib.nullcontext()
     if row == "hf_liger":
         if device.type != "cuda":
             raise ValueError("needs CUDA (Triton kernels)")
-        patch = liger_patched()
-    with patch, torch.device(device):
+        patches.enter_context(liger_patched())
+    with torch.device(device):
         model = LlamaForCausalLM(hf_config)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, lambda m, ids: m(input_ids=ids, labels=ids, use_cache=False).loss
+    return model, lambda m, ids: m(input_ids=ids, labels=ids, use_cache=False).loss, patches
 
 
 def tensor_bytes(model, optimizer):
@@ -330,7 +333,7 @@ def run(args, record):
             continue
         segment_start = time.perf_counter()
         try:
-            model, loss_fn = build(preset, row, max(contexts), device)
+            model, loss_fn, patches = build(preset, row, max(contexts), device)
         except (ImportError, ValueError) as e:
             stopped[key] = str(e).splitlines()[0][:120]
             for context in contexts:
@@ -367,6 +370,7 @@ def run(args, record):
             else:
                 record(preset, row, context, status="ok", seconds=spent, **fields)
             history[key] = (spent, context)
+        patches.close()
         del model, optimizer, loss_fn
         free(device)
         args.on_segment_end()
