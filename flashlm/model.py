@@ -240,8 +240,9 @@ def attention(q, k, v, backend, mask=None):
             return flash_attn_func(q, k, v, causal=True, window_size=mask.window_size)
         batch, seqlen = q.shape[:2]
         cu, longest = mask.cu_seqlens, mask.max_seqlen
+        # GPT.forward checked the offsets once (check_cu_seqlens); no per-layer read-back.
         out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, longest, longest,
-                                     causal=True, window_size=mask.window_size)
+                                     causal=True, window_size=mask.window_size, check_cu_seqlens=False)
         return out.view(batch, seqlen, *out.shape[1:])
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(

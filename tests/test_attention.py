@@ -221,6 +221,18 @@ def test_varlen_bad_cu_seqlens(case):
         flash_attn_varlen_func(q, q, q, cu_q, cu_k, max_len, max_len)
 
 
+def test_varlen_unchecked_offsets_still_check_shape_and_dtype():
+    """check_cu_seqlens=False skips only the read-back of the values."""
+    q = _t(16, 2, 16)
+    with pytest.raises(TypeError, match="torch.int32"):
+        flash_attn_varlen_func(q, q, q, _cu([0, 8, 16], torch.int64), _cu([0, 8, 16]), 8, 8,
+                               check_cu_seqlens=False)
+    good = _cu([0, 5, 16])
+    out = flash_attn_varlen_func(q, q, q, good, good, 11, 11, causal=True, check_cu_seqlens=False)
+    ref = flash_attn_varlen_func(q, q, q, good, good, 11, 11, causal=True)
+    assert torch.equal(out, ref)
+
+
 def test_bad_window():
     q = _t(1, 8, 2, 16)
     with pytest.raises(ValueError, match="window_size"):

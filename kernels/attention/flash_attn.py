@@ -773,7 +773,7 @@ def _check_window(fn, window_size):
     return left, right
 
 
-def _check_cu_seqlens(fn, name, cu, total, max_seqlen, device, batch=None):
+def _check_cu_seqlens(fn, name, cu, total, max_seqlen, device, batch=None, values=True):
     if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
         desc = f"{cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) \
             else type(cu).__name__
@@ -783,8 +783,8 @@ def _check_cu_seqlens(fn, name, cu, total, max_seqlen, device, batch=None):
     if cu.numel() < 1 or (batch is not None and cu.numel() != batch + 1):
         raise ValueError(f"{fn}: {name} has {cu.numel()} entries; cu_seqlens_q and cu_seqlens_k "
                          "must both hold num_sequences + 1 offsets")
-    if torch.compiler.is_compiling():
-        return  # the value checks below would read the tensor back and break the graph
+    if not values or torch.compiler.is_compiling():
+        return  # the value checks below read the tensor back (a sync, a graph break)
     values = cu.tolist()
     lengths = [b - a for a, b in zip(values, values[1:])]
     if values[0] != 0 or any(n < 0 for n in lengths):
@@ -835,7 +835,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            softmax_scale=None, causal=False, window_size=(-1, -1),
-                           return_lse=False):
+                           return_lse=False, check_cu_seqlens=True):
     """Attention over packed variable-length sequences; no attention crosses a sequence.
 
     Args:
@@ -846,6 +846,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         max_seqlen_q, max_seqlen_k: upper bounds on the sequence lengths (they size the grid).
         softmax_scale, causal, window_size: as in `flash_attn_func`, per sequence.
         return_lse: also return lse of shape (nheads, total_q).
+        check_cu_seqlens: check the offsets' values (see below); pass False when the caller
+            has already checked them, e.g. once per model forward rather than once per layer.
 
     Returns:
         out: (total_q, nheads, head_dim), or ``(out, lse)``.
@@ -856,9 +858,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """
     fn = "flash_attn_varlen_func"
     _check_tensors(fn, q, k, v, 3, "(total_tokens, heads, head_dim)")
-    _check_cu_seqlens(fn, "cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device)
+    _check_cu_seqlens(fn, "cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device,
+                      values=check_cu_seqlens)
     _check_cu_seqlens(fn, "cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device,
-                      batch=cu_seqlens_q.numel() - 1)
+                      batch=cu_seqlens_q.numel() - 1, values=check_cu_seqlens)
     left, right = _check_window(fn, window_size)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
