@@ -288,6 +288,54 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+# The inner loops' tiles through TMA tensor descriptors (the default on Hopper GPUs; forced
+# here so the interpreter runs that path too): ragged ends, cross lengths, GQA, a padded head
+# dim, windows and packed documents, where a box can reach past a sequence.
+TMA_CASES = {
+    "q113-k113-causal": (113, 113, 4, 4, 64, True, (-1, -1)),
+    "q63-k150-full-gqa2": (63, 150, 4, 2, 64, False, (-1, -1)),
+    "q150-k63-causal-gqa4": (150, 63, 4, 1, 64, True, (-1, -1)),
+    "q113-k113-window": (113, 113, 2, 1, 64, True, (20, -1)),
+    "q70-k70-d40": (70, 70, 2, 2, 40, True, (-1, -1)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("case", sorted(TMA_CASES))
+def test_tma_loads(case, dtype, monkeypatch):
+    monkeypatch.setattr(fa, "_use_tma", lambda *tensors: True)
+    seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, window = TMA_CASES[case]
+    q, k, v, dout = _inputs(len(case), 2, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dtype)
+    _compare(q, k, v, dout, causal, dtype, window)
+
+
+@pytest.mark.parametrize("docs", ["mixed", "cross"])
+def test_tma_loads_varlen(docs, monkeypatch):
+    monkeypatch.setattr(fa, "_use_tma", lambda *tensors: True)
+    test_varlen(docs, (-1, -1), True, torch.float16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the pointer path is the interpreter's default already")
+@pytest.mark.parametrize("case", sorted(TMA_CASES))
+def test_pointer_loads_gpu(case, monkeypatch):
+    """On the GPU, where TMA is the default, the pointer path must stay correct (misaligned
+    tensors and pre-Hopper GPUs take it)."""
+    monkeypatch.setattr(fa, "_use_tma", lambda *tensors: False)
+    seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, window = TMA_CASES[case]
+    q, k, v, dout = _inputs(len(case), 2, seqlen_q, seqlen_k, nheads, nheads_k, head_dim,
+                            torch.bfloat16)
+    _compare(q, k, v, dout, causal, torch.bfloat16, window)
+
+
+def test_use_tma_rules():
+    """TMA only for CUDA tensors with 16-byte aligned bases and strides."""
+    assert not fa._use_tma(torch.randn(2, 8, 2, 16))
+    if ON_GPU and torch.cuda.get_device_capability()[0] >= 9:
+        t = torch.randn(2, 8, 2, 16, device="cuda", dtype=torch.float16)
+        assert fa._use_tma(t)
+        assert not fa._use_tma(t.flatten()[1:].view(-1)[:2 * 8 * 2 * 15].view(2, 8, 2, 15))
+
+
 def test_torch_compile_fullgraph():
     """Registered as a custom op with a fake: compiles with fullgraph=True (no graph break)."""
     q, k, v, dout = _inputs(9, 1, 33, 33, 2, 1, 32, torch.float32)

@@ -45,6 +45,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 _LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -127,16 +128,30 @@ def _load_rows(base, offs, stride, offs_d, n_rows, HEAD_DIM: tl.constexpr, MASKE
 
 
 @triton.jit
+def _load_tile(desc, desc_b, desc_row, desc_h, base, offs, stride, offs_d, n_rows,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+               D_PADDED: tl.constexpr, USE_TMA: tl.constexpr):
+    """A (len(offs), BLOCK_D) tile of rows offs: through the tensor descriptor ``desc`` (TMA:
+    one bulk copy, no address arithmetic in registers, out-of-bounds rows and columns read as
+    zeros) at (desc_b, desc_row, desc_h, 0), or through pointers as in `_load_rows`."""
+    if USE_TMA:
+        return desc.load([desc_b, desc_row, desc_h.to(tl.int32), 0]).reshape(offs.shape[0], BLOCK_D)
+    else:
+        return _load_rows(base, offs, stride, offs_d, n_rows, HEAD_DIM, MASKED, D_PADDED)
+
+
+@triton.jit
 def _fwd_inner(
-    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
-    seqlen_k, diag, left, right, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr,
-    MASK_RIGHT: tl.constexpr, MASKED: tl.constexpr, D_PADDED: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, desc_k, desc_v, desc_b, k_row, hk,
+    offs_m, offs_d, lo, hi, seqlen_k, diag, left, right, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, MASKED: tl.constexpr,
+    D_PADDED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, MASKED, D_PADDED)
+        k = _load_tile(desc_k, desc_b, k_row + start_n, hk, k_base, offs_n, stride_kn, offs_d,
+                       seqlen_k, HEAD_DIM, BLOCK_D, MASKED, D_PADDED, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if MASKED:
             s = tl.where(_visible(offs_m, offs_n, seqlen_k, diag, left, right, MASK_LEFT,
@@ -151,7 +166,8 @@ def _fwd_inner(
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_rows(v_base, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, MASKED, D_PADDED)
+        v = _load_tile(desc_v, desc_b, k_row + start_n, hk, v_base, offs_n, stride_vn, offs_d,
+                       seqlen_k, HEAD_DIM, BLOCK_D, MASKED, D_PADDED, USE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
     return acc, m_i, l_i
@@ -178,8 +194,18 @@ def _sequence(pid_bh, nheads, CU_Q, CU_K, seqlen_q, seqlen_k, stride_lb, stride_
 
 
 @triton.jit
+def _desc_coords(b, q_start, k_start, VARLEN: tl.constexpr):
+    """(batch, first q row, first k row) of a sequence in the 4-D tensor descriptors, which
+    view a packed (total, heads, dim) tensor as (1, total, heads, dim)."""
+    if VARLEN:
+        return 0, q_start.to(tl.int32), k_start.to(tl.int32)
+    else:
+        return b.to(tl.int32), 0, 0
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K,
+    Q, K, V, O, LSE, CU_Q, CU_K, DESC_A, DESC_B,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -188,8 +214,9 @@ def _attn_fwd_kernel(
     nheads, seqlen_q, seqlen_k, group, qk_scale, left, right, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    """DESC_A, DESC_B: tensor descriptors of k and v with BLOCK_N-row boxes when USE_TMA."""
     pid_m = tl.program_id(0)
     if MASK_RIGHT:
         # Later query blocks see more keys: launch them first so the tail of the grid is short.
@@ -213,18 +240,19 @@ def _attn_fwd_kernel(
     diag, lo, a, b_, hi = _key_ranges(start_m, seqlen_q, seqlen_k, left, right, BLOCK_M, BLOCK_N,
                                       MASK_LEFT, MASK_RIGHT)
     hi = tl.where(start_m < seqlen_q, hi, 0)  # a varlen program past the end of its document
+    desc_b, _, k_row = _desc_coords(b, q_start, k_start, VARLEN)
     acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo,
-        tl.minimum(a, hi), seqlen_k, diag, left, right, qk_scale,
-        HEAD_DIM, BLOCK_N, MASK_LEFT, MASK_RIGHT, True, D_PADDED, DOT_PREC)
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, DESC_A, DESC_B, desc_b, k_row, hk,
+        offs_m, offs_d, lo, tl.minimum(a, hi), seqlen_k, diag, left, right, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, MASK_LEFT, MASK_RIGHT, True, D_PADDED, DOT_PREC, USE_TMA)
     acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, a,
-        tl.minimum(b_, hi), seqlen_k, diag, left, right, qk_scale,
-        HEAD_DIM, BLOCK_N, MASK_LEFT, MASK_RIGHT, False, D_PADDED, DOT_PREC)
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, DESC_A, DESC_B, desc_b, k_row, hk,
+        offs_m, offs_d, a, tl.minimum(b_, hi), seqlen_k, diag, left, right, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, MASK_LEFT, MASK_RIGHT, False, D_PADDED, DOT_PREC, USE_TMA)
     acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, b_, hi,
-        seqlen_k, diag, left, right, qk_scale,
-        HEAD_DIM, BLOCK_N, MASK_LEFT, MASK_RIGHT, True, D_PADDED, DOT_PREC)
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, DESC_A, DESC_B, desc_b, k_row, hk,
+        offs_m, offs_d, b_, hi, seqlen_k, diag, left, right, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, MASK_LEFT, MASK_RIGHT, True, D_PADDED, DOT_PREC, USE_TMA)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -266,15 +294,18 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+    desc_q, desc_do, desc_b, q_row, h,
     offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, diag, left, right, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK_LEFT: tl.constexpr,
-    MASK_RIGHT: tl.constexpr, MASKED: tl.constexpr, D_PADDED: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, MASKED: tl.constexpr,
+    D_PADDED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_base, offs_m, stride_qm, offs_d, seqlen_q, HEAD_DIM, MASKED, D_PADDED)
-        do = _load_rows(do_base, offs_m, stride_dom, offs_d, seqlen_q, HEAD_DIM, MASKED, D_PADDED)
+        q = _load_tile(desc_q, desc_b, q_row + start_m, h, q_base, offs_m, stride_qm, offs_d,
+                       seqlen_q, HEAD_DIM, BLOCK_D, MASKED, D_PADDED, USE_TMA)
+        do = _load_tile(desc_do, desc_b, q_row + start_m, h, do_base, offs_m, stride_dom, offs_d,
+                        seqlen_q, HEAD_DIM, BLOCK_D, MASKED, D_PADDED, USE_TMA)
         if MASKED:
             # Rows past the end get lse = +inf, so their probabilities are exactly zero.
             lse = tl.load(lse_base + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
@@ -298,7 +329,7 @@ def _bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DESC_A, DESC_B,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -310,8 +341,9 @@ def _attn_bwd_dkdv_kernel(
     seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    """DESC_A, DESC_B: tensor descriptors of q and dout with BLOCK_M-row boxes when USE_TMA."""
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
     b, hk, q_start, k_start, seqlen_q, seqlen_k, _ = _sequence(
@@ -331,6 +363,7 @@ def _attn_bwd_dkdv_kernel(
     diag, lo, a, b_, hi = _query_ranges(start_n, seqlen_q, seqlen_k, left, right, BLOCK_M,
                                         BLOCK_N, MASK_LEFT, MASK_RIGHT)
     hi = tl.where(start_n < seqlen_k, hi, 0)
+    desc_b, q_row, _ = _desc_coords(b, q_start, k_start, VARLEN)
     for g in range(0, group):
         h = hk * group + g
         q_base = Q + b * stride_qb + q_start * stride_qm + h * stride_qh
@@ -338,16 +371,19 @@ def _attn_bwd_dkdv_kernel(
         lse_row = b * stride_lb + h * stride_lh + q_start
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, LSE + lse_row, DELTA + lse_row, stride_qm, stride_dom,
-            offs_n, offs_d, lo, tl.minimum(a, hi), seqlen_q, seqlen_k, diag, left, right,
-            qk_scale, HEAD_DIM, BLOCK_M, MASK_LEFT, MASK_RIGHT, True, D_PADDED, DOT_PREC)
+            DESC_A, DESC_B, desc_b, q_row, h, offs_n, offs_d, lo, tl.minimum(a, hi), seqlen_q, seqlen_k, diag, left, right,
+            qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, MASK_LEFT, MASK_RIGHT, True, D_PADDED, DOT_PREC,
+            USE_TMA)
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, LSE + lse_row, DELTA + lse_row, stride_qm, stride_dom,
-            offs_n, offs_d, a, tl.minimum(b_, hi), seqlen_q, seqlen_k, diag, left, right,
-            qk_scale, HEAD_DIM, BLOCK_M, MASK_LEFT, MASK_RIGHT, False, D_PADDED, DOT_PREC)
+            DESC_A, DESC_B, desc_b, q_row, h, offs_n, offs_d, a, tl.minimum(b_, hi), seqlen_q, seqlen_k, diag, left, right,
+            qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, MASK_LEFT, MASK_RIGHT, False, D_PADDED, DOT_PREC,
+            USE_TMA)
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, LSE + lse_row, DELTA + lse_row, stride_qm, stride_dom,
-            offs_n, offs_d, b_, hi, seqlen_q, seqlen_k, diag, left, right,
-            qk_scale, HEAD_DIM, BLOCK_M, MASK_LEFT, MASK_RIGHT, True, D_PADDED, DOT_PREC)
+            DESC_A, DESC_B, desc_b, q_row, h, offs_n, offs_d, b_, hi, seqlen_q, seqlen_k, diag, left, right,
+            qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, MASK_LEFT, MASK_RIGHT, True, D_PADDED, DOT_PREC,
+            USE_TMA)
 
     dk = dk * softmax_scale
     kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
@@ -360,16 +396,18 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_inner(
-    dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
-    seqlen_k, diag, left, right, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr,
-    MASK_RIGHT: tl.constexpr, MASKED: tl.constexpr, D_PADDED: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, desc_k, desc_v, desc_b, k_row,
+    hk, offs_m, offs_d, lo, hi, seqlen_k, diag, left, right, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, MASKED: tl.constexpr,
+    D_PADDED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, MASKED, D_PADDED)
-        v = _load_rows(v_base, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, MASKED, D_PADDED)
+        k = _load_tile(desc_k, desc_b, k_row + start_n, hk, k_base, offs_n, stride_kn, offs_d,
+                       seqlen_k, HEAD_DIM, BLOCK_D, MASKED, D_PADDED, USE_TMA)
+        v = _load_tile(desc_v, desc_b, k_row + start_n, hk, v_base, offs_n, stride_vn, offs_d,
+                       seqlen_k, HEAD_DIM, BLOCK_D, MASKED, D_PADDED, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASKED:
@@ -383,7 +421,7 @@ def _bwd_dq_inner(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DESC_A, DESC_B,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -393,8 +431,9 @@ def _attn_bwd_dq_kernel(
     nheads, seqlen_q, seqlen_k, group, softmax_scale, qk_scale, left, right, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    """DESC_A, DESC_B: tensor descriptors of k and v with BLOCK_N-row boxes when USE_TMA."""
     pid_m = tl.program_id(0)
     if MASK_RIGHT:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -421,15 +460,19 @@ def _attn_bwd_dq_kernel(
     diag, lo, a, b_, hi = _key_ranges(start_m, seqlen_q, seqlen_k, left, right, BLOCK_M, BLOCK_N,
                                       MASK_LEFT, MASK_RIGHT)
     hi = tl.where(start_m < seqlen_q, hi, 0)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m,
-                       offs_d, lo, tl.minimum(a, hi), seqlen_k, diag, left, right, qk_scale,
-                       HEAD_DIM, BLOCK_N, MASK_LEFT, MASK_RIGHT, True, D_PADDED, DOT_PREC)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m,
-                       offs_d, a, tl.minimum(b_, hi), seqlen_k, diag, left, right, qk_scale,
-                       HEAD_DIM, BLOCK_N, MASK_LEFT, MASK_RIGHT, False, D_PADDED, DOT_PREC)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m,
-                       offs_d, b_, hi, seqlen_k, diag, left, right, qk_scale,
-                       HEAD_DIM, BLOCK_N, MASK_LEFT, MASK_RIGHT, True, D_PADDED, DOT_PREC)
+    desc_b, _, k_row = _desc_coords(b, q_start, k_start, VARLEN)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, DESC_A, DESC_B,
+                       desc_b, k_row, hk, offs_m, offs_d, lo, tl.minimum(a, hi), seqlen_k, diag,
+                       left, right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_LEFT, MASK_RIGHT,
+                       True, D_PADDED, DOT_PREC, USE_TMA)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, DESC_A, DESC_B,
+                       desc_b, k_row, hk, offs_m, offs_d, a, tl.minimum(b_, hi), seqlen_k, diag,
+                       left, right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_LEFT, MASK_RIGHT,
+                       False, D_PADDED, DOT_PREC, USE_TMA)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, DESC_A, DESC_B,
+                       desc_b, k_row, hk, offs_m, offs_d, b_, hi, seqlen_k, diag,
+                       left, right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_LEFT, MASK_RIGHT,
+                       True, D_PADDED, DOT_PREC, USE_TMA)
     dq = dq * softmax_scale
     tl.store(DQ + b * stride_dqb + (q_start + offs_m[:, None].to(tl.int64)) * stride_dqm
              + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -460,10 +503,14 @@ def _configs(kind):
     64x64 (non-causal). dQ: the mirror image. The 64x64 and smaller entries are the fallbacks
     that `_prune` keeps for head dim 256 and fp32, where the large tiles do not fit.
     """
-    c = triton.Config
+    def c(blocks, num_warps, num_stages):
+        return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages,
+                             pre_hook=_tma_boxes_hook(kind))
+
     if kind == "fwd":
         return [
             c({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+            c({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=3),
             c({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=2),
             c({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
             c({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
@@ -483,6 +530,47 @@ def _configs(kind):
     ]
 
 
+# Which block size is the row count of the tiles each kernel's inner loop streams.
+_INNER_ROWS = {"fwd": "BLOCK_N", "dkdv": "BLOCK_M", "dq": "BLOCK_N"}
+
+
+def _set_tma_boxes(kind, descs, block_m, block_n, block_d):
+    rows = block_n if _INNER_ROWS[kind] == "BLOCK_N" else block_m
+    for desc in descs:
+        desc.block_shape = [1, rows, 1, block_d]
+
+
+def _tma_boxes_hook(kind):
+    """Config pre-hook: size the descriptors' boxes to the configuration's tiles."""
+    def hook(nargs):
+        if nargs["USE_TMA"]:
+            _set_tma_boxes(kind, (nargs["DESC_A"], nargs["DESC_B"]), nargs["BLOCK_M"],
+                           nargs["BLOCK_N"], nargs["BLOCK_D"])
+    return hook
+
+
+def _use_tma(*tensors):
+    """Whether the inner loops load these tensors through TMA tensor descriptors: on a GPU with
+    the tensor memory accelerator (compute capability 9.0 or newer), with 16-byte aligned
+    bases and every stride but the last a multiple of 16 bytes (the copy engine's rules)."""
+    first = tensors[0]
+    if not first.is_cuda or torch.cuda.get_device_capability(first.device)[0] < 9:
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+               for t in tensors)
+
+
+def _descriptors(use_tma, *tensors):
+    """4-D tensor descriptors ((1, total, heads, dim) for packed tensors) whose boxes
+    `_set_tma_boxes` sizes at launch; the tensors themselves (unused) without TMA."""
+    if not use_tma:
+        return tensors
+    views = [t if t.dim() == 4 else t.unsqueeze(0) for t in tensors]
+    block_d = max(triton.next_power_of_2(views[0].shape[-1]), 16)
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 16, 1, block_d])
+                 for t in views)
+
+
 def _prune(configs, named_args, **kwargs):
     """Drop tiles that cannot fit in shared memory at large head dims or in fp32."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
@@ -492,7 +580,7 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-_TUNE_KEYS = ["HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "VARLEN", "seq_bucket", "DOT_PREC"]
+_TUNE_KEYS = ["HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "VARLEN", "seq_bucket", "DOT_PREC", "USE_TMA"]
 _fwd_tuned = triton.autotune(_configs("fwd"), key=_TUNE_KEYS,
                              prune_configs_by={"early_config_prune": _prune})(_attn_fwd_kernel)
 _dkdv_tuned = triton.autotune(_configs("dkdv"), key=_TUNE_KEYS,
@@ -517,19 +605,23 @@ def _fixed_config(kind, block_d, elem):
     return (32, 16, 4, 1) if small else (64, 32, 4, 2)
 
 
-def _launch(kind, tuned, grid_fn, *args, seq_bucket, **meta):
+def _launch(kind, tuned, grid_fn, *args, seq_bucket, descs, **meta):
+    """Launch ``kind`` with the interpreter's blocks, the fixed short-sequence configuration or
+    the autotuner; ``descs`` are the kernel's DESC_A and DESC_B, already among ``args``."""
     q = args[0]
     if _is_interpreted(tuned.fn):
         block_m, block_n = _INTERPRET_BLOCKS[kind]
-        grid = grid_fn({"BLOCK_M": block_m, "BLOCK_N": block_n})
-        tuned.fn[grid](*args, seq_bucket, BLOCK_M=block_m, BLOCK_N=block_n, **meta)
+        options = {}
     elif seq_bucket < _AUTOTUNE_MIN_SEQ:
         block_m, block_n, warps, stages = _fixed_config(kind, meta["BLOCK_D"], q.element_size())
-        grid = grid_fn({"BLOCK_M": block_m, "BLOCK_N": block_n})
-        tuned.fn[grid](*args, seq_bucket, BLOCK_M=block_m, BLOCK_N=block_n,
-                       num_warps=warps, num_stages=stages, **meta)
+        options = dict(num_warps=warps, num_stages=stages)
     else:
-        tuned[grid_fn](*args, seq_bucket, **meta)
+        tuned[grid_fn](*args, seq_bucket, **meta)  # the configurations' pre-hook sizes the boxes
+        return
+    if meta["USE_TMA"]:
+        _set_tma_boxes(kind, descs, block_m, block_n, meta["BLOCK_D"])
+    grid = grid_fn({"BLOCK_M": block_m, "BLOCK_N": block_n})
+    tuned.fn[grid](*args, seq_bucket, BLOCK_M=block_m, BLOCK_N=block_n, **options, **meta)
 
 
 
@@ -612,13 +704,15 @@ def _flash_fwd_impl(q, k, v, cu_q, cu_k, pb, out=None, lse=None):
     def grid(meta):
         return (triton.cdiv(pb.seqlen_q, meta["BLOCK_M"]), pb.batch * pb.nheads)
 
+    use_tma = _use_tma(k, v)
+    descs = _descriptors(use_tma, k, v)
     with _device_ctx(q):
         _launch(
             "fwd", _fwd_tuned, grid,
-            q, k, v, out, lse, *_cu_args(pb, cu_q, cu_k, lse),
+            q, k, v, out, lse, *_cu_args(pb, cu_q, cu_k, lse), *descs,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), *pb.lse_strides,
             pb.nheads, pb.seqlen_q, pb.seqlen_k, pb.nheads // pb.nheads_k, pb.scale * _LOG2E,
-            pb.left, pb.right, seq_bucket=pb.bucket, **pb.meta,
+            pb.left, pb.right, seq_bucket=pb.bucket, descs=descs, USE_TMA=use_tma, **pb.meta,
         )
     return out, lse
 
@@ -644,23 +738,28 @@ def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, pb, grads=None):
             HEAD_DIM=pb.meta["HEAD_DIM"], BLOCK_D=pb.meta["BLOCK_D"], BLOCK_M=pre_block,
             HAS_DLSE=dlse is not None, VARLEN=pb.varlen,
         )
+        use_tma = _use_tma(q, dout)
+        descs = _descriptors(use_tma, q, dout)
         _launch(
             "dkdv", _dkdv_tuned,
             lambda m: (triton.cdiv(pb.seqlen_k, m["BLOCK_N"]), pb.batch * pb.nheads_k),
-            q, k, v, dout, lse, delta, dk, dv, *cu,
+            q, k, v, dout, lse, delta, dk, dv, *cu, *descs,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
             *_strides(dv), *pb.lse_strides,
             pb.nheads, pb.nheads_k, pb.seqlen_q, pb.seqlen_k, group, pb.scale,
-            pb.scale * _LOG2E, pb.left, pb.right, seq_bucket=pb.bucket, **pb.meta,
+            pb.scale * _LOG2E, pb.left, pb.right, seq_bucket=pb.bucket, descs=descs,
+            USE_TMA=use_tma, **pb.meta,
         )
+        use_tma = _use_tma(k, v)
+        descs = _descriptors(use_tma, k, v)
         _launch(
             "dq", _dq_tuned,
             lambda m: (triton.cdiv(pb.seqlen_q, m["BLOCK_M"]), pb.batch * pb.nheads),
-            q, k, v, dout, lse, delta, dq, *cu,
+            q, k, v, dout, lse, delta, dq, *cu, *descs,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
             *pb.lse_strides,
             pb.nheads, pb.seqlen_q, pb.seqlen_k, group, pb.scale, pb.scale * _LOG2E,
-            pb.left, pb.right, seq_bucket=pb.bucket, **pb.meta,
+            pb.left, pb.right, seq_bucket=pb.bucket, descs=descs, USE_TMA=use_tma, **pb.meta,
         )
     return dq, dk, dv
 
