@@ -21,6 +21,7 @@ from flashlm.config import GPTConfig
 from flashlm.memory import (ActivationOffload, CheckpointOptions, block_forward, checkpoint_block,
                             liger_linear_cross_entropy)
 from flashlm.kernels.attention import flash_attn_func, flash_attn_varlen_func
+from flashlm.kernels.cross_entropy import cross_entropy_forward, cross_entropy_forward_backward_
 
 logger = logging.getLogger(__name__)
 
@@ -347,34 +348,97 @@ def _cross_entropy_chunks(hidden, weight, targets, chunk_size, with_grads):
     return loss / count, grad_hidden, grad_weight
 
 
+def _matmul_into(out, a, b, accumulate):
+    """``out = a @ b`` or ``out += a @ b``, with ``a`` and ``b`` in the matmul dtype.
+
+    On CUDA an fp32 ``out`` takes the product straight from cuBLAS's fp32 accumulator
+    (``out_dtype``; torch 2.10 is the first to accept an fp32 ``addmm`` input with 16-bit
+    factors), so no (rows, cols) temporary is rounded to 16 bits and no separate add pass runs.
+    Elsewhere the product is formed and then cast.
+    """
+    if a.dtype == out.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif out.is_cuda and out.dtype == torch.float32 and torch.__version__ >= (2, 10):
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+    elif accumulate:
+        out += (a @ b).to(out.dtype)
+    else:
+        out.copy_(a @ b)
+
+
+def _fused_cross_entropy_chunks(hidden, weight, targets, chunk_size, with_grads):
+    """`_cross_entropy_chunks` with each chunk's softmax, loss and gradient in one Triton kernel.
+
+    The logits stay in the matmul dtype (bf16 under autocast): the kernel reads them twice and
+    writes the gradient over them, so a chunk holds one (chunk, vocab) buffer in that dtype and
+    no fp32 copy. The two matmuls that follow read the gradient from that buffer.
+    """
+    valid = targets != IGNORE_INDEX
+    count = valid.sum().clamp(min=1)
+    scale = valid.to(torch.float32) / count
+    device_type = hidden.device.type
+    matmul_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    # Casting once here is what autocast would do per matmul; explicit casts keep the mm
+    # overloads with out= and out_dtype= (which autocast does not cast) on the same operands.
+    w = weight.to(matmul_dtype)
+    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    grad_hidden = hidden.new_empty(hidden.shape) if with_grads else None  # contiguous: an mm out=
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads else None
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        h = hidden[rows].to(matmul_dtype)
+        logits = h @ w.T
+        if not with_grads:
+            cross_entropy_forward(logits, targets[rows], IGNORE_INDEX, out=losses[rows])
+            continue
+        cross_entropy_forward_backward_(logits, targets[rows], scale[rows], IGNORE_INDEX, out=losses[rows])
+        _matmul_into(grad_hidden[rows], logits, w, accumulate=False)
+        _matmul_into(grad_weight, logits.T, h, accumulate=True)
+    return losses.sum() / count, grad_hidden, grad_weight
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
-        loss, grad_hidden, grad_weight = _cross_entropy_chunks(hidden, weight, targets, chunk_size, True)
+    def forward(ctx, hidden, weight, targets, chunk_size, fused):
+        chunks = _fused_cross_entropy_chunks if fused else _cross_entropy_chunks
+        loss, grad_hidden, grad_weight = chunks(hidden, weight, targets, chunk_size, True)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
 
 
-def chunked_linear_cross_entropy(hidden, weight, targets, chunk_size):
+def chunked_linear_cross_entropy(hidden, weight, targets, chunk_size, *, fused=None):
     """Mean cross-entropy of the logits ``hidden @ weight.T`` without materializing them.
 
     Args:
         hidden: (tokens, hidden_size).
         weight: (vocab, hidden_size), the LM head.
         targets: (tokens,) int64, ``IGNORE_INDEX`` (-100) for tokens without a loss.
-        chunk_size: tokens per chunk; the extra memory is a few (chunk_size, vocab) fp32 buffers.
+        chunk_size: tokens per chunk; the extra memory is one (chunk_size, vocab) buffer in the
+            matmul dtype on the fused path, a few fp32 ones on the PyTorch path.
+        fused: run each chunk's softmax, loss and gradient as one Triton kernel
+            (``flashlm.kernels.cross_entropy``). ``None``: fused when the tensors are on CUDA.
+            ``True`` on CPU needs the Triton interpreter (tests); ``False`` is the PyTorch path.
 
     Returns:
         A scalar fp32 loss: the sum over valid tokens divided by their count (0 if none).
     """
+    if fused is None:
+        fused = hidden.is_cuda
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
-    return _cross_entropy_chunks(hidden, weight, targets, chunk_size, False)[0]
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, fused)
+    chunks = _fused_cross_entropy_chunks if fused else _cross_entropy_chunks
+    return chunks(hidden, weight, targets, chunk_size, False)[0]
 
 
 @dataclass

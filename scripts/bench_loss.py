@@ -1,6 +1,10 @@
 """LM head + cross-entropy without the logits: flashlm's chunked loss against liger-kernel's fused
 linear cross-entropy, and the plain full-logits loss, in one run on the same inputs.
 
+flashlm's chunked loss runs each chunk's softmax, loss and gradient as one Triton kernel on CUDA
+(``flashlm.kernels.cross_entropy``); the "PyTorch softmax" row is the same chunk loop with those
+steps as PyTorch elementwise ops (``fused=False``, the path CPUs take), to show what the kernel buys.
+
 Each case is what a training step does at the top of the model: hidden states (tokens, hidden)
 in fp32 (the residual stream under bf16 autocast over fp32 weights), the LM head (vocab,
 hidden) in fp32, the matmuls under bf16 autocast, then backward to both. Reported: forward +
@@ -27,7 +31,7 @@ from flashlm.model import IGNORE_INDEX, chunked_linear_cross_entropy
 
 # The 1b model's hidden size first: its long-context cases decide the choice.
 SHAPES = [(hidden, tokens) for hidden in (2048, 768) for tokens in (131072, 32768, 8192)]
-CHUNKS = (2048, 4096)
+CHUNKS = (2048, 4096, 8192)
 VOCAB = 32000
 
 
@@ -36,6 +40,7 @@ def providers():
     out = {"full logits": lambda h, w, t: F.cross_entropy((h @ w.T).float(), t, ignore_index=IGNORE_INDEX)}
     for chunk in CHUNKS:
         out[f"flashlm chunk {chunk}"] = lambda h, w, t, chunk=chunk: chunked_linear_cross_entropy(h, w, t, chunk)
+    out["flashlm chunk 4096, PyTorch softmax"] = lambda h, w, t: chunked_linear_cross_entropy(h, w, t, 4096, fused=False)
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     except ImportError:
