@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 ATTN_BACKENDS = ("flash", "sdpa", "eager", "auto")
 LOSS_IMPLS = ("chunked", "liger")
 CHECKPOINT_DTYPES = (None, "bfloat16")
+FUSED_OPS = ("auto", "triton", "torch")
 
 # Keys each RoPE scaling accepts, as transformers' Llama reads them: (required, optional).
 ROPE_SCALING_KEYS = {
@@ -46,6 +47,10 @@ class GPTConfig:
     Run-time choices (not part of the exported checkpoint):
         attn_backend: "flash" (flashlm's Triton kernel), "sdpa" (torch), "eager" (materialized
             softmax, the reference), or "auto": flash for CUDA inputs, sdpa otherwise.
+        fused_ops: how RMSNorm, RoPE and SwiGLU run: "triton" (one fused kernel each, fp32
+            arithmetic; the norms before the projections return the autocast dtype directly),
+            "torch" (the PyTorch compositions, any device), or "auto": triton for CUDA inputs,
+            torch otherwise.
         gradient_checkpointing: recompute each decoder layer in the backward pass.
         loss_chunk_size: with labels, compute the LM head and cross-entropy this many tokens at
             a time so the full (tokens, vocab) logits never exist; 0 disables.
@@ -82,6 +87,7 @@ class GPTConfig:
     pad_token_id: int | None = None
     sliding_window: int | None = None
     attn_backend: str = "auto"
+    fused_ops: str = "auto"
     gradient_checkpointing: bool = False
     loss_chunk_size: int = 0
     loss_impl: str = "chunked"
@@ -110,6 +116,7 @@ class GPTConfig:
         _check(self.sliding_window is None or (_is_int(self.sliding_window) and self.sliding_window > 0),
                "sliding_window", self.sliding_window, "None or a positive integer (tokens a query sees, itself included)")
         _check(self.attn_backend in ATTN_BACKENDS, "attn_backend", self.attn_backend, f"one of {ATTN_BACKENDS}")
+        _check(self.fused_ops in FUSED_OPS, "fused_ops", self.fused_ops, f"one of {FUSED_OPS}")
         _check(isinstance(self.tie_word_embeddings, bool), "tie_word_embeddings", self.tie_word_embeddings,
                "a bool")
         _check(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing",

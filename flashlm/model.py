@@ -7,6 +7,10 @@ layout with cos/sin in fp32), so Hugging Face checkpoints load without any permu
 logits match.
 
 Activations keep one layout end to end: (batch, seqlen, heads, head_dim), the flash kernel's.
+
+``config.fused_ops`` picks how the elementwise ops run: RMSNorm, RoPE and SwiGLU each as one
+Triton kernel (``flashlm.kernels.rms_norm``, ``.rope``, ``.swiglu``; the default for CUDA inputs)
+or as the PyTorch compositions written out here (any device; the reference).
 """
 
 import logging
@@ -21,6 +25,9 @@ from flashlm.config import GPTConfig
 from flashlm.memory import (ActivationOffload, CheckpointOptions, block_forward, checkpoint_block,
                             liger_linear_cross_entropy)
 from flashlm.kernels.attention import flash_attn_func, flash_attn_varlen_func
+from flashlm.kernels.rms_norm import rms_norm
+from flashlm.kernels.rope import rotary_embedding
+from flashlm.kernels.swiglu import swiglu
 from flashlm.kernels.cross_entropy import cross_entropy_forward, cross_entropy_forward_backward_
 
 logger = logging.getLogger(__name__)
@@ -28,15 +35,32 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in fp32 and cast back, like transformers' ``LlamaRMSNorm``."""
+def fused_ops_enabled(config, device):
+    """Whether RMSNorm, RoPE and SwiGLU run as Triton kernels for inputs on ``device``:
+    ``config.fused_ops`` "triton", or "auto" on a CUDA device."""
+    return config.fused_ops == "triton" or (config.fused_ops == "auto" and device.type == "cuda")
 
-    def __init__(self, dim, eps):
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back, like transformers' ``LlamaRMSNorm``.
+
+    ``feeds_matmul``: the output only feeds linear layers, so under autocast the fused kernel
+    returns it in the autocast dtype: the value autocast's cast would give, without the fp32
+    tensor or the extra pass. The config is read at each call (``fused_ops`` may change).
+    """
+
+    def __init__(self, config, feeds_matmul=False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.config = config
+        self.eps = config.rms_norm_eps
+        self.feeds_matmul = feeds_matmul
+        self.weight = nn.Parameter(torch.ones(config.hidden_size))
 
     def forward(self, x):
+        if fused_ops_enabled(self.config, x.device):
+            device_type = x.device.type
+            autocast = self.feeds_matmul and torch.is_autocast_enabled(device_type)
+            return rms_norm(x, self.weight, self.eps, torch.get_autocast_dtype(device_type) if autocast else None)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # The same formula as one op (the residual stream under autocast is fp32): on CUDA a
             # fused kernel whose backward keeps x and the inverse RMS, not the normalized tensor.
@@ -267,6 +291,7 @@ def attention(q, k, v, backend, mask=None):
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
+        self.config = config
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
@@ -285,29 +310,38 @@ class Attention(nn.Module):
         k = k.view(batch, seqlen, self.num_kv_heads, self.head_dim)
         # A copy of v of its own: a view would keep the whole q|k|v product alive until backward.
         v = v.reshape(batch, seqlen, self.num_kv_heads, self.head_dim).contiguous()
-        out = attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, backend, mask)
+        if fused_ops_enabled(self.config, x.device):
+            q, k = rotary_embedding(q, k, cos, sin)  # one launch, q and k read in place
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attention(q, k, v, backend, mask)
         return self.o_proj(out.reshape(batch, seqlen, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
+        self.config = config
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         # gate and up as one product, for the same reason as Attention's q, k, v.
-        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+        if fused_ops_enabled(self.config, x.device):
+            # Keeps only gate_up for backward and returns its gradient as one tensor.
+            return self.down_proj(swiglu(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn_norm = RMSNorm(config, feeds_matmul=True)
         self.attn = Attention(config)
-        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp_norm = RMSNorm(config, feeds_matmul=True)
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, backend, mask=None):
@@ -459,7 +493,8 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rope = RotaryEmbedding(config)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Not feeds_matmul: the loss paths take the final hidden states in their own dtype.
+        self.norm = RMSNorm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
