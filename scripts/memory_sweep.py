@@ -9,7 +9,9 @@ the steps (weights, gradients and AdamW state included); tokens/s is timed over 
 after the warm-up one(s). Rows:
 
     flashlm          flash attention + every memory lever (chunked loss, checkpointing with
-                     bf16 inputs offloaded to pinned CPU memory, chunked MLP)
+                     bf16 inputs offloaded to pinned CPU memory, chunked MLP). Every flashlm
+                     row runs RMSNorm, RoPE and SwiGLU as Triton kernels (fused_ops="auto" on
+                     CUDA), the counterpart of liger's kernels in hf_liger
     flashlm_sdpa     the same levers, torch SDPA attention (cuDNN on an H100)
     flashlm_eager    the same levers, materialized-softmax attention
     hf               transformers LlamaForCausalLM, SDPA + gradient checkpointing
@@ -21,6 +23,7 @@ after the warm-up one(s). Rows:
     flashlm_bf16     + bf16 checkpointed inputs
     flashlm_mlp      + chunked MLP (everything but the offload)
     flashlm_liger    every lever, with liger-kernel's fused loss instead of flashlm's
+    flashlm_torch_ops  every lever, RMSNorm, RoPE and SwiGLU as PyTorch ops (fused_ops="torch")
 
 An out-of-memory is recorded and ends that row (longer contexts are skipped), as does the row
 time cap; ``--time-budget`` skips whatever would not finish in time, so a run always ends with
@@ -63,7 +66,7 @@ DEFAULT_CONTEXTS = [4 * K, 8 * K, 16 * K, 32 * K, 64 * K, 128 * K, 256 * K, 512 
 # The range: every row runs up to here; past it, by default only the flashlm row.
 BASE_MAX_CONTEXT = 128 * K
 LEVERS = dict(loss_chunk_size=2048, gradient_checkpointing=True, checkpoint_dtype="bfloat16",
-              checkpoint_offload=True, mlp_chunk_size=16384)
+              checkpoint_offload=True, mlp_chunk_size=16384, fused_ops="auto")
 ROWS = {
     "flashlm": ("flashlm, all levers", dict(attn_backend="flash", **LEVERS)),
     "flashlm_sdpa": ("flashlm, all levers, SDPA attention", dict(attn_backend="sdpa", **LEVERS)),
@@ -79,11 +82,13 @@ ROWS = {
     "flashlm_mlp": ("flashlm, + chunked MLP (no offload)",
                     dict(attn_backend="flash", **{**LEVERS, "checkpoint_offload": False})),
     "flashlm_liger": ("flashlm, all levers, liger loss", dict(attn_backend="flash", **LEVERS, loss_impl="liger")),
+    "flashlm_torch_ops": ("flashlm, all levers, PyTorch RMSNorm/RoPE/SwiGLU",
+                          dict(attn_backend="flash", **{**LEVERS, "fused_ops": "torch"})),
 }
 DEFAULT_ROWS = ["flashlm", "flashlm_sdpa", "flashlm_eager", "hf", "hf_liger"]
 # Run order within a preset: the headline rows first, so a tight budget cuts the others.
 ORDER = ["flashlm", "hf", "hf_liger", "flashlm_sdpa", "flashlm_eager", "flashlm_plain", "flashlm_ckpt",
-         "flashlm_bf16", "flashlm_mlp", "flashlm_liger"]
+         "flashlm_bf16", "flashlm_mlp", "flashlm_liger", "flashlm_torch_ops"]
 REFERENCE_ROW = "hf_liger"
 FIRST_GUESS = 15.0
 
