@@ -426,18 +426,22 @@ def test_model_fused_matches_torch_in_fp32():
 
 def test_model_fused_through_the_memory_levers():
     """flashlm.memory calls the norm, attention and MLP modules itself. Checkpointing
-    recomputes the same kernels on the same inputs: bit-identical gradients. With every lever
-    (bf16 offloaded inputs, chunked MLP, chunked loss) the loss is unchanged up to summation
-    order, and the gradients move by about the bf16 rounding of the recomputed inputs."""
+    recomputes the same kernels on the same inputs: bit-identical gradients on the CPU (on
+    CUDA, SDPA's backward may sum in another order). With every lever (bf16 offloaded inputs,
+    chunked MLP, chunked loss) the loss is unchanged up to summation order, and the gradients
+    move by about the bf16 rounding of the recomputed inputs."""
     ids = _batch()
     plain = _train_step("triton", ids)
     ckpt = _train_step("triton", ids, gradient_checkpointing=True)
+    for name, ref in plain[1].items():
+        if ON_GPU:
+            torch.testing.assert_close(ckpt[1][name], ref, rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(ckpt[1][name], ref), name
     assert torch.equal(ckpt[0], plain[0])
-    for name in plain[1]:
-        assert torch.equal(ckpt[1][name], plain[1][name]), name
     loss, grads = _train_step("triton", ids, gradient_checkpointing=True, checkpoint_dtype="bfloat16",
                               checkpoint_offload=True, mlp_chunk_size=16, loss_chunk_size=10)
-    torch.testing.assert_close(loss, plain[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss, plain[0], rtol=1e-5, atol=0)
     for name, ref in plain[1].items():
         assert ((grads[name] - ref).abs().max() / ref.abs().max()).item() < 2e-2, name
 
