@@ -177,6 +177,20 @@ def test_varlen(docs, window, causal, dtype):
         _check(name, g, r, lo, dtype, scale=grad_scale if i >= 2 else None)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="documents long enough for the autotuned (TMA) path need a GPU")
+def test_varlen_long_documents_gpu():
+    """Documents past the fixed-tile threshold, with ragged ends, take the tuned kernels (tensor
+    descriptors on Hopper), where a box can read into the next document."""
+    lens = [1500, 2047, 1453, 9]
+    q, k, v, dout, cu_q, cu_k = _varlen_inputs(3, lens, lens, 4, 2, 128, torch.bfloat16)
+    got = _run_poisoned(q, k, v, dout, True, (-1, -1), cu_q, cu_k, max(lens), max(lens))
+    ref64 = _varlen_reference(q, k, v, dout, cu_q, cu_k, True, (-1, -1), torch.float64)
+    low = _varlen_reference(q, k, v, dout, cu_q, cu_k, True, (-1, -1), torch.bfloat16)
+    grad_scale = max(_magnitude(r) for r in ref64[2:])
+    for i, (name, g, r, lo) in enumerate(zip(("out", "lse", "dq", "dk", "dv"), got, ref64, low)):
+        _check(name, g, r, lo, torch.bfloat16, scale=grad_scale if i >= 2 else None)
+
+
 def test_varlen_public_api_matches_dense_per_document():
     """flash_attn_varlen_func through autograd equals flash_attn_func run on each document."""
     lens = [30, 1, 64]
@@ -403,7 +417,7 @@ def test_cpu_tensors_rejected_without_interpreter(monkeypatch):
 
 @pytest.mark.skipif(not ON_GPU, reason="long sequences need a GPU")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("seqlen", [16384, 32768, 65536], ids=lambda s: f"s{s}")
+@pytest.mark.parametrize("seqlen", [3001, 16384, 32768, 65536], ids=lambda s: f"s{s}")
 def test_long_sequences_gpu(seqlen, causal):
     """Long sequences in bf16 against SDPA in fp32 (the S x S fp64 reference would not fit)."""
     import torch.nn.functional as F

@@ -560,6 +560,14 @@ def _use_tma(*tensors):
                for t in tensors)
 
 
+def _tma_for(pb, kernel, *tensors):
+    """`_use_tma` on the autotuned path only (and under the interpreter, where tests force it):
+    with triton 3.6, ptxas crashes compiling the fixed short-sequence tiles with descriptors,
+    while the tuner skips any configuration that fails to compile."""
+    tuned_path = pb.bucket >= _AUTOTUNE_MIN_SEQ or _is_interpreted(kernel)
+    return tuned_path and _use_tma(*tensors)
+
+
 def _descriptors(use_tma, *tensors):
     """4-D tensor descriptors ((1, total, heads, dim) for packed tensors) whose boxes
     `_set_tma_boxes` sizes at launch; the tensors themselves (unused) without TMA."""
@@ -704,7 +712,7 @@ def _flash_fwd_impl(q, k, v, cu_q, cu_k, pb, out=None, lse=None):
     def grid(meta):
         return (triton.cdiv(pb.seqlen_q, meta["BLOCK_M"]), pb.batch * pb.nheads)
 
-    use_tma = _use_tma(k, v)
+    use_tma = _tma_for(pb, _attn_fwd_kernel, k, v)
     descs = _descriptors(use_tma, k, v)
     with _device_ctx(q):
         _launch(
@@ -738,7 +746,7 @@ def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, pb, grads=None):
             HEAD_DIM=pb.meta["HEAD_DIM"], BLOCK_D=pb.meta["BLOCK_D"], BLOCK_M=pre_block,
             HAS_DLSE=dlse is not None, VARLEN=pb.varlen,
         )
-        use_tma = _use_tma(q, dout)
+        use_tma = _tma_for(pb, _attn_bwd_dkdv_kernel, q, dout)
         descs = _descriptors(use_tma, q, dout)
         _launch(
             "dkdv", _dkdv_tuned,
@@ -750,7 +758,7 @@ def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, pb, grads=None):
             pb.scale * _LOG2E, pb.left, pb.right, seq_bucket=pb.bucket, descs=descs,
             USE_TMA=use_tma, **pb.meta,
         )
-        use_tma = _use_tma(k, v)
+        use_tma = _tma_for(pb, _attn_bwd_dq_kernel, k, v)
         descs = _descriptors(use_tma, k, v)
         _launch(
             "dq", _dq_tuned,
