@@ -580,11 +580,15 @@ def _descriptors(use_tma, *tensors):
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles that cannot fit in shared memory at large head dims or in fp32."""
+    """Drop tiles that cannot fit in shared memory at large head dims or in fp32, and, with
+    TMA, the 4-warp 2-stage configurations of the forward and dQ kernels: ptxas (triton 3.6)
+    crashes on them (seen on the H100), which the tuner survives but pays for in time."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     elem = named_args["Q"].element_size()
     budget = 128 * 128 * 128 * 2 // (block_d * elem)  # BLOCK_M * BLOCK_N that fits
     kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= budget]
+    if kwargs.get("USE_TMA") and "DK" not in named_args:  # the forward and dQ kernels
+        kept = [cfg for cfg in kept if (cfg.num_warps, cfg.num_stages) != (4, 2)] or kept
     return kept or configs[-1:]
 
 
