@@ -495,39 +495,26 @@ def _seq_bucket(seqlen):
 
 
 def _configs(kind):
-    """Short autotune lists, one per kernel, chosen on an H100 (triton 3.6) by a wide sweep
-    (`scripts/bench_attention.py --explore`; winners recorded in kernels/attention/NOTES.md).
+    """Short autotune lists, one per kernel, chosen on an H100 (triton 3.6, TMA loads) from wider
+    sweeps (`scripts/bench_attention.py --explore`; kernels/attention/NOTES.md v2 and v5).
 
-    Forward: 128x128 tiles with 8 warps win at head dim 128; 128x64 with 4 warps wins at the
-    longest causal lengths. Backward dK/dV: 64-row query steps over 128-key tiles (causal) or
-    64x64 (non-causal). dQ: the mirror image. The 64x64 and smaller entries are the fallbacks
-    that `_prune` keeps for head dim 256 and fp32, where the large tiles do not fit.
+    Forward: 128x128 tiles with 8 warps win at head dim 128; at head dim 64, 4 warps over
+    64x128 (causal) or 128x128 tiles. dK/dV: 64 query rows per step over 128-key tiles with 8
+    warps at head dim 128, 64x64 or 32x64 with 4 warps at head dim 64. dQ: the mirror image.
+    The last entry is the fallback that `_prune` keeps for head dim 256 and fp32.
     """
-    def c(blocks, num_warps, num_stages):
-        return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages,
-                             pre_hook=_tma_boxes_hook(kind))
+    def c(block_m, block_n, num_warps, num_stages):
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps,
+                             num_stages=num_stages, pre_hook=_tma_boxes_hook(kind))
 
     if kind == "fwd":
-        return [
-            c({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-            c({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=3),
-            c({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-            c({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-            c({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        ]
+        return [c(128, 128, 8, 3), c(64, 128, 4, 3), c(128, 128, 4, 3), c(128, 64, 8, 3),
+                c(64, 64, 4, 3)]
     if kind == "dkdv":
-        return [
-            c({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-            c({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-            c({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
-            c({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        ]
-    return [  # dq
-        c({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        c({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        c({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-        c({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    ]
+        return [c(64, 128, 8, 2), c(64, 128, 8, 3), c(64, 64, 4, 2), c(64, 64, 4, 3),
+                c(32, 64, 4, 3)]
+    return [c(128, 64, 8, 3), c(128, 64, 8, 4), c(64, 128, 4, 3), c(128, 64, 4, 3),  # dq
+            c(64, 64, 4, 3)]
 
 
 # Which block size is the row count of the tiles each kernel's inner loop streams.
