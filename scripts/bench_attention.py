@@ -71,12 +71,14 @@ def explore_configs():
     """Replace flashlm's short autotune lists by wide ones (for choosing the short lists)."""
     import triton
     from flashlm.kernels.attention import flash_attn as fa
-    c = triton.Config
-    grid = lambda ms, ns, ws, ss: [c({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                                   for m in ms for n in ns for w in ws for st in ss]
-    fa._fwd_tuned.configs = grid([64, 128], [64, 128], [4, 8], [2, 3, 4])
-    fa._dkdv_tuned.configs = grid([32, 64], [64, 128], [4, 8], [2, 3])
-    fa._dq_tuned.configs = grid([64, 128], [32, 64], [4, 8], [2, 3])
+    def grid(kind, ms, ns, ws, ss):
+        # The pre-hook sizes the TMA boxes to each configuration's tiles, as in the short lists.
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st,
+                              pre_hook=fa._tma_boxes_hook(kind))
+                for m in ms for n in ns for w in ws for st in ss]
+    fa._fwd_tuned.configs = grid("fwd", [64, 128], [64, 128], [4, 8], [2, 3, 4])
+    fa._dkdv_tuned.configs = grid("dkdv", [32, 64], [64, 128], [4, 8], [2, 3, 4])
+    fa._dq_tuned.configs = grid("dq", [64, 128], [32, 64, 128], [4, 8], [2, 3, 4])
 
 
 def best_configs():
