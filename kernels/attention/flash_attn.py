@@ -13,6 +13,9 @@ Algorithm
     ``delta = rowsum(dO * O) - dlse``; one kernel per key block accumulates dK and dV over every
     query block and every query head of its GQA group in registers; a separate kernel per
     query block accumulates dQ. No atomics, so gradients are bit-identical run to run.
+    Loads: on Hopper and newer GPUs (fp16/bf16, head dims up to 128, sequences of 1K tokens or
+    more) the tiles each inner loop streams come through TMA tensor descriptors built on the
+    host; elsewhere through pointers. Both paths compute the same values.
 
 Layouts
     Dense: q (batch, seqlen_q, nheads, head_dim); k, v (batch, seqlen_k, nheads_k, head_dim);
