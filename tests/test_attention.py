@@ -318,6 +318,10 @@ TMA_CASES = {
 @pytest.mark.parametrize("case", sorted(TMA_CASES))
 def test_tma_loads(case, dtype, monkeypatch):
     monkeypatch.setattr(fa, "_use_tma", lambda *tensors: True)
+    _compare_tma_case(case, dtype)
+
+
+def _compare_tma_case(case, dtype):
     seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, window = TMA_CASES[case]
     q, k, v, dout = _inputs(len(case), 2, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dtype)
     _compare(q, k, v, dout, causal, dtype, window)
@@ -335,10 +339,7 @@ def test_pointer_loads_gpu(case, monkeypatch):
     """On the GPU, where TMA is the default, the pointer path must stay correct (misaligned
     tensors and pre-Hopper GPUs take it)."""
     monkeypatch.setattr(fa, "_use_tma", lambda *tensors: False)
-    seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, window = TMA_CASES[case]
-    q, k, v, dout = _inputs(len(case), 2, seqlen_q, seqlen_k, nheads, nheads_k, head_dim,
-                            torch.bfloat16)
-    _compare(q, k, v, dout, causal, torch.bfloat16, window)
+    _compare_tma_case(case, torch.bfloat16)
 
 
 def test_use_tma_rules():

@@ -504,7 +504,7 @@ def _configs(kind):
     Forward: 128x128 tiles with 8 warps win at head dim 128; at head dim 64, 4 warps over
     64x128 (causal) or 128x128 tiles. dK/dV: 64 query rows per step over 128-key tiles with 8
     warps at head dim 128, 64x64 or 32x64 with 4 warps at head dim 64. dQ: the mirror image.
-    The last entry, two stages deep, is the fallback that `_prune` keeps for head dim 256 and
+    The last entry, two stages deep, is the fallback that `_prune_for` keeps for head dim 256 and
     fp32, which load through pointers (see `_use_tma`).
     """
     def c(block_m, block_n, num_warps, num_stages):
@@ -554,11 +554,11 @@ def _use_tma(*tensors):
                for t in tensors)
 
 
-def _tma_for(pb, kernel, *tensors):
+def _tma_for(pb, *tensors):
     """`_use_tma` on the autotuned path only (and under the interpreter, where tests force it):
     with triton 3.6, ptxas crashes compiling the fixed short-sequence tiles with descriptors,
     while the tuner skips any configuration that fails to compile."""
-    tuned_path = pb.bucket >= _AUTOTUNE_MIN_SEQ or _is_interpreted(kernel)
+    tuned_path = pb.bucket >= _AUTOTUNE_MIN_SEQ or _is_interpreted(_attn_fwd_kernel)
     return tuned_path and _use_tma(*tensors)
 
 
@@ -573,26 +573,33 @@ def _descriptors(use_tma, *tensors):
                  for t in views)
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles that cannot fit in shared memory at large head dims or in fp32, and, with
-    TMA, the 4-warp 2-stage configurations of the forward and dQ kernels: ptxas (triton 3.6)
-    crashes on them (seen on the H100), which the tuner survives but pays for in time."""
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    elem = named_args["Q"].element_size()
-    budget = 128 * 128 * 128 * 2 // (block_d * elem)  # BLOCK_M * BLOCK_N that fits
-    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= budget]
-    if kwargs.get("USE_TMA") and "DK" not in named_args:  # the forward and dQ kernels
-        kept = [cfg for cfg in kept if (cfg.num_warps, cfg.num_stages) != (4, 2)] or kept
-    return kept or configs[-1:]
+def _prune_for(kind):
+    """The tuner's pre-pruning for ``kind``: drop tiles that cannot fit in shared memory at
+    large head dims or in fp32, and, with TMA, the 4-warp 2-stage configurations of the forward
+    and dQ kernels: ptxas (triton 3.6) crashes on them (seen on the H100), which the tuner
+    survives but pays for in time."""
+    def prune(configs, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        elem = named_args["Q"].element_size()
+        budget = 128 * 128 * 128 * 2 // (block_d * elem)  # BLOCK_M * BLOCK_N that fits
+        kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= budget]
+        if kwargs.get("USE_TMA") and kind in ("fwd", "dq"):
+            kept = [cfg for cfg in kept if (cfg.num_warps, cfg.num_stages) != (4, 2)] or kept
+        return kept or configs[-1:]
+    return prune
 
 
 _TUNE_KEYS = ["HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "VARLEN", "seq_bucket", "DOT_PREC", "USE_TMA"]
-_fwd_tuned = triton.autotune(_configs("fwd"), key=_TUNE_KEYS,
-                             prune_configs_by={"early_config_prune": _prune})(_attn_fwd_kernel)
-_dkdv_tuned = triton.autotune(_configs("dkdv"), key=_TUNE_KEYS,
-                              prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_configs("dq"), key=_TUNE_KEYS,
-                            prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dq_kernel)
+
+
+def _autotuned(kind, kernel):
+    return triton.autotune(_configs(kind), key=_TUNE_KEYS,
+                           prune_configs_by={"early_config_prune": _prune_for(kind)})(kernel)
+
+
+_fwd_tuned = _autotuned("fwd", _attn_fwd_kernel)
+_dkdv_tuned = _autotuned("dkdv", _attn_bwd_dkdv_kernel)
+_dq_tuned = _autotuned("dq", _attn_bwd_dq_kernel)
 
 # Below this many tokens a launch is too short for tuning to pay, and each distinct shape would
 # trigger a tuning sweep: short sequences take one fixed, always-fitting configuration.
@@ -710,7 +717,7 @@ def _flash_fwd_impl(q, k, v, cu_q, cu_k, pb, out=None, lse=None):
     def grid(meta):
         return (triton.cdiv(pb.seqlen_q, meta["BLOCK_M"]), pb.batch * pb.nheads)
 
-    use_tma = _tma_for(pb, _attn_fwd_kernel, k, v)
+    use_tma = _tma_for(pb, k, v)
     descs = _descriptors(use_tma, k, v)
     with _device_ctx(q):
         _launch(
@@ -744,7 +751,7 @@ def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, pb, grads=None):
             HEAD_DIM=pb.meta["HEAD_DIM"], BLOCK_D=pb.meta["BLOCK_D"], BLOCK_M=pre_block,
             HAS_DLSE=dlse is not None, VARLEN=pb.varlen,
         )
-        use_tma = _tma_for(pb, _attn_bwd_dkdv_kernel, q, dout)
+        use_tma = _tma_for(pb, q, dout)
         descs = _descriptors(use_tma, q, dout)
         _launch(
             "dkdv", _dkdv_tuned,
@@ -756,7 +763,7 @@ def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, pb, grads=None):
             pb.scale * _LOG2E, pb.left, pb.right, seq_bucket=pb.bucket, descs=descs,
             USE_TMA=use_tma, **pb.meta,
         )
-        use_tma = _tma_for(pb, _attn_bwd_dq_kernel, k, v)
+        use_tma = _tma_for(pb, k, v)
         descs = _descriptors(use_tma, k, v)
         _launch(
             "dq", _dq_tuned,
