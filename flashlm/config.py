@@ -62,6 +62,11 @@ class GPTConfig:
             starts from the rounded input. Needs gradient_checkpointing.
         checkpoint_offload: keep the checkpointed layer inputs in pinned CPU memory, copied on a
             side CUDA stream while the GPU computes. Needs gradient_checkpointing.
+        checkpoint_keep_attention: keep each checkpointed layer's flash-attention output and
+            lse from the forward pass, so the recomputation in the backward pass skips
+            attention's forward kernel (at long context the costliest op of a layer), for one
+            (tokens, hidden) tensor in the compute dtype per layer. Other attention backends
+            recompute as before. Needs gradient_checkpointing.
         mlp_chunk_size: run the MLP this many tokens at a time, so that at most that many tokens
             of (tokens, intermediate_size) activations exist; free under gradient_checkpointing,
             one extra gate/up projection without it; 0 disables.
@@ -93,6 +98,7 @@ class GPTConfig:
     loss_impl: str = "chunked"
     checkpoint_dtype: str | None = None
     checkpoint_offload: bool = False
+    checkpoint_keep_attention: bool = False
     mlp_chunk_size: int = 0
     head_dim: int = field(init=False)
 
@@ -129,7 +135,9 @@ class GPTConfig:
         _check(self.checkpoint_dtype in CHECKPOINT_DTYPES, "checkpoint_dtype", self.checkpoint_dtype,
                f"one of {CHECKPOINT_DTYPES}")
         _check(isinstance(self.checkpoint_offload, bool), "checkpoint_offload", self.checkpoint_offload, "a bool")
-        for name in ("checkpoint_dtype", "checkpoint_offload"):
+        _check(isinstance(self.checkpoint_keep_attention, bool), "checkpoint_keep_attention",
+               self.checkpoint_keep_attention, "a bool")
+        for name in ("checkpoint_dtype", "checkpoint_offload", "checkpoint_keep_attention"):
             _check(self.gradient_checkpointing or not getattr(self, name), name, getattr(self, name),
                    "unset unless gradient_checkpointing is true (it applies to checkpointed layer inputs)")
         _check(_is_int(self.mlp_chunk_size) and self.mlp_chunk_size >= 0, "mlp_chunk_size",

@@ -13,6 +13,10 @@ recomputation, and the activations of the one layer being recomputed, above all 
   runs forward and backward chunk by chunk, so at most ``mlp_chunk_size`` tokens of MLP
   activations exist at a time, at no extra FLOPs: its output is never needed again, only its
   gradient.
+- ``AttentionTape`` (``keep_attention``): the layer's flash-attention output and lse kept from
+  the forward pass, so the recomputation replays attention instead of running its forward
+  again: at long context the costliest op of the layer, for one (tokens, hidden) tensor in the
+  compute dtype per layer.
 - ``block_forward``: a layer run whole (no checkpointing) with the MLP chunked over tokens:
   without a graph a plain loop; with a graph ``_ChunkedMLP``, which keeps only the MLP input
   and recomputes each chunk in the backward pass (one extra gate/up projection).
@@ -33,6 +37,8 @@ the normalized input to the projections; the forward pass and the loss are uncha
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -48,11 +54,59 @@ class CheckpointOptions:
     save_dtype: dtype the input is kept in (e.g. torch.bfloat16), None for its own dtype.
     offload: where the inputs of this forward pass go when kept in CPU memory, or None.
     mlp_chunk_size: tokens per MLP chunk in the recomputation; 0 runs the MLP whole.
+    keep_attention: keep the layer's flash-attention results for the recomputation
+        (``AttentionTape``).
     """
 
     save_dtype: torch.dtype | None = None
     offload: ActivationOffload | None = None
     mlp_chunk_size: int = 0
+    keep_attention: bool = False
+
+
+class AttentionTape:
+    """The flash-attention results (output, lse) of one checkpointed layer's forward pass, in
+    call order, for its recomputation to replay.
+
+    While a tape is recording (``attention_tape(tape)``), the model's flash attention returns
+    its lse as well and hands both to ``record``; while it replays (``replay=True``), the
+    attention takes them back with ``take`` and skips its forward kernel
+    (``flash_attn_replay``). Other attention backends ignore the tape.
+    """
+
+    def __init__(self):
+        self._saved = []
+        self.replaying = False
+
+    def record(self, out, lse):
+        self._saved.append((out, lse))
+
+    def take(self):
+        if not self._saved:
+            raise RuntimeError("attention tape is empty: the recomputation ran more attention calls than the "
+                               "forward pass recorded")
+        return self._saved.pop(0)
+
+
+_TAPES = threading.local()
+
+
+def current_attention_tape() -> AttentionTape | None:
+    """The tape of the checkpointed layer running on this thread, if any."""
+    return getattr(_TAPES, "tape", None)
+
+
+@contextlib.contextmanager
+def attention_tape(tape: AttentionTape | None, replay: bool = False):
+    """Make ``tape`` (None: no tape) current on this thread: recording, or replaying."""
+    previous = current_attention_tape()
+    _TAPES.tape = tape
+    if tape is not None:
+        tape.replaying = replay
+    try:
+        yield tape
+    finally:
+        _TAPES.tape = previous
 
 
 class ActivationOffload:
@@ -198,7 +252,9 @@ class _CheckpointedBlock(torch.autograd.Function):
         ctx.block, ctx.attn_args, ctx.options = block, attn_args, options
         ctx.autocast = _autocast_state(x.device.type)
         ctx.input_dtype = x.dtype
-        out = block_forward(block, x, attn_args, options.mlp_chunk_size)
+        ctx.tape = AttentionTape() if options.keep_attention else None
+        with attention_tape(ctx.tape):
+            out = block_forward(block, x, attn_args, options.mlp_chunk_size)
         ctx.kept = None
         if options.offload is not None:
             ctx.slot = options.offload.save(x.detach().to(options.save_dtype or x.dtype))
@@ -224,7 +280,9 @@ class _CheckpointedBlock(torch.autograd.Function):
         del kept  # a bf16 or offloaded copy is not needed once upcast
         attn_params, mlp_params = _attn_params(block), _mlp_params(block)
         with torch.enable_grad(), _autocast(x.device.type, ctx.autocast):
-            h = x + block.attn(block.attn_norm(x), *ctx.attn_args)
+            with attention_tape(ctx.tape, replay=True):
+                h = x + block.attn(block.attn_norm(x), *ctx.attn_args)
+            ctx.tape = None  # the replayed results now belong to h's graph
             grad_h, mlp_grads = _mlp_backward(block, h.detach(), grad_out, options.mlp_chunk_size, mlp_params)
         grad_x, *attn_grads = _grads(h, [x, *attn_params], grad_h)
         return (grad_x, None, None, None, *attn_grads, *mlp_grads)

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashlm.config import GPTConfig
-from flashlm.memory import (ActivationOffload, CheckpointOptions, block_forward, checkpoint_block,
+from flashlm.memory import (ActivationOffload, CheckpointOptions, block_forward, checkpoint_block, current_attention_tape,
                             liger_linear_cross_entropy)
-from flashlm.kernels.attention import flash_attn_func, flash_attn_varlen_func
+from flashlm.kernels.attention import flash_attn_func, flash_attn_replay, flash_attn_varlen_func
 from flashlm.kernels.rms_norm import rms_norm
 from flashlm.kernels.rope import rotary_embedding
 from flashlm.kernels.swiglu import swiglu
@@ -261,13 +261,30 @@ def attention(q, k, v, backend, mask=None):
     """
     mask = mask or AttentionMask()
     if backend == "flash":
+        # Inside a checkpointed layer with keep_attention: record (out, lse) in the forward
+        # pass, replay them in the recomputation instead of running the forward kernel again.
+        tape = current_attention_tape()
         if mask.cu_seqlens is None:
-            return flash_attn_func(q, k, v, causal=True, window_size=mask.window_size)
+            if tape is not None and tape.replaying:
+                return flash_attn_replay(q, k, v, *tape.take(), causal=True, window_size=mask.window_size)
+            out = flash_attn_func(q, k, v, causal=True, window_size=mask.window_size, return_lse=tape is not None)
+            if tape is None:
+                return out
+            tape.record(*out)
+            return out[0]
         batch, seqlen = q.shape[:2]
         cu, longest = mask.cu_seqlens, mask.max_seqlen
-        # GPT.forward checked the offsets once (check_cu_seqlens); no per-layer read-back.
-        out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, longest, longest,
-                                     causal=True, window_size=mask.window_size, check_cu_seqlens=False)
+        q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+        if tape is not None and tape.replaying:
+            out = flash_attn_replay(q, k, v, *tape.take(), causal=True, window_size=mask.window_size,
+                                    cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest)
+        else:
+            # GPT.forward checked the offsets once (check_cu_seqlens); no per-layer read-back.
+            out = flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True, window_size=mask.window_size,
+                                         check_cu_seqlens=False, return_lse=tape is not None)
+            if tape is not None:
+                tape.record(*out)
+                out = out[0]
         return out.view(batch, seqlen, *out.shape[1:])
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(
@@ -604,7 +621,8 @@ class GPT(nn.Module):
                     stream = self._offload_streams[device] = torch.cuda.Stream(device)
             offload = ActivationOffload(stream)
         save_dtype = getattr(torch, c.checkpoint_dtype) if c.checkpoint_dtype else None
-        return CheckpointOptions(save_dtype=save_dtype, offload=offload, mlp_chunk_size=c.mlp_chunk_size)
+        return CheckpointOptions(save_dtype=save_dtype, offload=offload, mlp_chunk_size=c.mlp_chunk_size,
+                                 keep_attention=c.checkpoint_keep_attention)
 
     def num_params(self, exclude_embeddings=False):
         """Parameter count, shared (tied) tensors once; ``exclude_embeddings`` leaves out the token

@@ -12,6 +12,9 @@ after the warm-up one(s). Rows:
                      bf16 inputs offloaded to pinned CPU memory, chunked MLP). Every flashlm
                      row runs RMSNorm, RoPE and SwiGLU as Triton kernels (fused_ops="auto" on
                      CUDA), the counterpart of liger's kernels in hf_liger
+    flashlm_keepattn the same, plus checkpoint_keep_attention: each layer's attention output
+                     is kept from the forward pass, so the recomputation skips attention's
+                     forward (one more (tokens, hidden) bf16 tensor per layer)
     flashlm_sdpa     the same levers, torch SDPA attention (cuDNN on an H100)
     flashlm_eager    the same levers, materialized-softmax attention
     hf               transformers LlamaForCausalLM, SDPA + gradient checkpointing
@@ -27,8 +30,9 @@ after the warm-up one(s). Rows:
 
 An out-of-memory is recorded and ends that row (longer contexts are skipped), as does the row
 time cap; ``--time-budget`` skips whatever would not finish in time, so a run always ends with
-a complete file. The order puts what a tight budget should keep first: flashlm and HF + liger
-up to 128K, then flashlm at 256K, then the other rows, then the longest contexts. Results are
+a complete file. The order puts what a tight budget should keep first: the two flashlm rows
+above and HF + liger up to 128K, then flashlm at 256K, then the other rows, then the longest
+contexts. Results are
 written after every measurement: ``memory_sweep.json`` (GPU, versions, date, commit, settings,
 every measurement), ``memory_sweep.md`` (tables with ratios to hf_liger) and, at the end of each
 row, ``memory_sweep.png`` (memory and tokens/s against context).
@@ -69,6 +73,8 @@ LEVERS = dict(loss_chunk_size=2048, gradient_checkpointing=True, checkpoint_dtyp
               checkpoint_offload=True, mlp_chunk_size=16384, fused_ops="auto")
 ROWS = {
     "flashlm": ("flashlm, all levers", dict(attn_backend="flash", **LEVERS)),
+    "flashlm_keepattn": ("flashlm, all levers, attention outputs kept for the recomputation",
+                         dict(attn_backend="flash", **LEVERS, checkpoint_keep_attention=True)),
     "flashlm_sdpa": ("flashlm, all levers, SDPA attention", dict(attn_backend="sdpa", **LEVERS)),
     "flashlm_eager": ("flashlm, all levers, eager attention", dict(attn_backend="eager", **LEVERS)),
     "hf": ("HF Llama, SDPA + gradient checkpointing", None),
@@ -85,9 +91,9 @@ ROWS = {
     "flashlm_torch_ops": ("flashlm, all levers, PyTorch RMSNorm/RoPE/SwiGLU",
                           dict(attn_backend="flash", **{**LEVERS, "fused_ops": "torch"})),
 }
-DEFAULT_ROWS = ["flashlm", "flashlm_sdpa", "flashlm_eager", "hf", "hf_liger"]
+DEFAULT_ROWS = ["flashlm", "flashlm_keepattn", "flashlm_sdpa", "flashlm_eager", "hf", "hf_liger"]
 # Run order within a preset: the headline rows first, so a tight budget cuts the others.
-ORDER = ["flashlm", "hf", "hf_liger", "flashlm_sdpa", "flashlm_eager", "flashlm_plain", "flashlm_ckpt",
+ORDER = ["flashlm", "hf", "hf_liger", "flashlm_keepattn", "flashlm_sdpa", "flashlm_eager", "flashlm_plain", "flashlm_ckpt",
          "flashlm_bf16", "flashlm_mlp", "flashlm_liger", "flashlm_torch_ops"]
 REFERENCE_ROW = "hf_liger"
 FIRST_GUESS = 15.0
@@ -276,10 +282,10 @@ def free(device):
 
 def tier(row, context):
     """Run order, so that a tight --time-budget cuts the least important measurements: 1. flashlm
-    and HF + liger up to 128K (the comparison), 2. flashlm at 256K, 3. the other rows up to 128K,
+    (with and without kept attention outputs) and HF + liger up to 128K (the comparison), 2. flashlm at 256K, 3. the other rows up to 128K,
     4. everything longer."""
     if context <= BASE_MAX_CONTEXT:
-        return 1 if row in ("flashlm", REFERENCE_ROW) else 3
+        return 1 if row in ("flashlm", "flashlm_keepattn", REFERENCE_ROW) else 3
     return 2 if row == "flashlm" and context <= 2 * BASE_MAX_CONTEXT else 4
 
 

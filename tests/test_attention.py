@@ -444,3 +444,34 @@ def test_long_sequences_gpu(seqlen, causal):
     grad_scale = max(_magnitude(r) for r in ref[1:])
     for i, (name, g, r, lo) in enumerate(zip(("out", "dq", "dk", "dv"), got, ref, low)):
         _check(name, g, r, lo, torch.bfloat16, scale=grad_scale if i else None)
+
+
+def test_replay_gives_the_forward_and_its_gradients():
+    """flash_attn_replay with a forward's own (out, lse) returns that output, and its backward
+    equals the one through flash_attn_func, for dense and packed inputs; mismatched results are
+    rejected."""
+    q, k, v, dout = _inputs(31, 2, 40, 40, 4, 2, 32, torch.float32)
+    lens = [13, 27, 40]
+    cu = torch.tensor([0, 13, 40, 80], dtype=torch.int32, device=DEVICE)
+    flat = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lens), max_seqlen_k=max(lens))
+    for packed in (False, True):
+        leaves = [(t.flatten(0, 1) if packed else t).clone().requires_grad_() for t in (q, k, v)]
+        grad_out = dout.flatten(0, 1) if packed else dout
+        if packed:
+            out, lse = flash_attn_varlen_func(*leaves, cu, cu, max(lens), max(lens), causal=True,
+                                              window_size=(9, -1), return_lse=True)
+        else:
+            out, lse = flash_attn_func(*leaves, causal=True, window_size=(9, -1), return_lse=True)
+        want = torch.autograd.grad(out, leaves, grad_out)
+        again = fa.flash_attn_replay(*leaves, out.detach(), lse.detach(), causal=True,
+                                     window_size=(9, -1), **(flat if packed else {}))
+        assert torch.equal(again, out)
+        for a, b in zip(torch.autograd.grad(again, leaves, grad_out), want):
+            assert torch.equal(a, b)
+    lse = torch.zeros(2, 4, 40, device=DEVICE)  # (batch, heads, seqlen_q)
+    with pytest.raises(ValueError, match="out must match q"):
+        fa.flash_attn_replay(q, k, v, q[:, :5].clone(), lse)
+    with pytest.raises(ValueError, match="lse must be float32"):
+        fa.flash_attn_replay(q, k, v, q.clone(), lse.double())
+    with pytest.raises(ValueError, match="lse must be float32"):
+        fa.flash_attn_replay(q, k, v, q.clone(), lse[:, :, :-1])

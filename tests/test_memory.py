@@ -250,3 +250,47 @@ def test_levers_on_cuda():
     except ImportError:
         return
     assert_close(cuda_run(dict(kept, loss_impl="liger")), cuda_run(kept), rtol=2e-2)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed-documents"])
+def test_keep_attention_replays_the_forward_exactly(packed, monkeypatch):
+    """checkpoint_keep_attention: the recomputation takes each layer's flash-attention output
+    from the forward pass instead of running the forward kernel again. Same loss and gradients
+    bit for bit; one forward kernel launch per layer instead of two."""
+    from flashlm.kernels.attention import flash_attn as fa
+    launches = []
+    impl = fa._flash_fwd_impl
+    monkeypatch.setattr(fa, "_flash_fwd_impl", lambda *a, **kw: launches.append(1) or impl(*a, **kw))
+    ids = batch(seqlen=40)
+    docs = dict(cu_seqlens=torch.tensor([0, 13, 40, 52, 80], dtype=torch.int32), max_seqlen=28) if packed else {}
+
+    def step(**overrides):
+        launches.clear()
+        torch.manual_seed(1)
+        model = GPT(GPTConfig(**{**TINY, "attn_backend": "flash", **CHECKPOINTED, **overrides}))
+        model(ids, labels=ids, **docs).loss.backward()
+        return model, len(launches)
+
+    levers = dict(checkpoint_offload=True, mlp_chunk_size=16)
+    recomputed, n_recomputed = step(**levers)
+    kept, n_kept = step(checkpoint_keep_attention=True, **levers)
+    layers = TINY["num_hidden_layers"]
+    assert (n_recomputed, n_kept) == (2 * layers, layers)
+    for (name, a), b in zip(recomputed.named_parameters(), kept.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
+
+
+def test_keep_attention_needs_checkpointing_and_recomputes_on_a_second_backward():
+    """The kept results serve one backward pass; a second one (retain_graph) recomputes the
+    attention as plain checkpointing does, and gets the same gradients."""
+    with pytest.raises(ValueError, match=r"GPTConfig\.checkpoint_keep_attention=True"):
+        GPTConfig(**TINY, checkpoint_keep_attention=True)
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(**{**TINY, "attn_backend": "flash", **CHECKPOINTED, "checkpoint_keep_attention": True}))
+    ids = batch(seqlen=20)
+    loss = model(ids, labels=ids).loss
+    loss.backward(retain_graph=True)
+    first = {n: p.grad.clone() for n, p in model.named_parameters()}
+    loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * first[name], rtol=0, atol=0, msg=name)

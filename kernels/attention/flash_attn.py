@@ -836,6 +836,58 @@ def _backward(ctx, dout, dlse):
 _flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _SavedForward(torch.autograd.Function):
+    """Attention whose forward pass already ran: returns its saved output, and differentiates it
+    with the usual backward kernels from the saved output and lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, saved, static):
+        out, lse, cu_q, cu_k = saved
+        ctx.static = static
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = _flash_attn_bwd_op(dout, q, k, v, out, lse, None, cu_q, cu_k, *ctx.static)
+        return dq, dk, dv, None, None
+
+
+def flash_attn_replay(q, k, v, out, lse, softmax_scale=None, causal=False, window_size=(-1, -1),
+                      cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+    """Attention of q, k, v whose forward pass has already run, without running it again.
+
+    ``out`` and ``lse`` are what `flash_attn_func` (or `flash_attn_varlen_func`, with
+    ``cu_seqlens_*`` and ``max_seqlen_*``) returned with ``return_lse=True`` for the same
+    inputs and options. The result is ``out``, attached to the autograd graph of q, k and v:
+    its backward is the usual one. Activation checkpointing uses this to recompute a layer
+    without its attention forward (``GPTConfig.checkpoint_keep_attention``). Nothing checks that
+    ``out`` came from these inputs; gradients are only right if it did.
+    """
+    fn = "flash_attn_replay"
+    varlen = cu_seqlens_q is not None
+    _check_tensors(fn, q, k, v, 3 if varlen else 4,
+                   "(total_tokens, heads, head_dim)" if varlen else "(batch, seqlen, heads, head_dim)")
+    if out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"{fn}: out must match q, got out {tuple(out.shape)} {out.dtype} and q "
+                         f"{tuple(q.shape)} {q.dtype}")
+    lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+    if tuple(lse.shape) != lse_shape or lse.dtype != torch.float32:
+        raise ValueError(f"{fn}: lse must be float32 of shape {lse_shape}, got {lse.dtype} of "
+                         f"shape {tuple(lse.shape)}")
+    left, right = _check_window(fn, window_size)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    if varlen:
+        static = (int(max_seqlen_q), int(max_seqlen_k))
+    else:
+        static = (q.shape[1], k.shape[1])
+    static += (float(softmax_scale), bool(causal), left, right)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    return _SavedForward.apply(q, k, v, (out, lse, cu_seqlens_q, cu_seqlens_k), static)
+
+
 def _check_tensors(fn, q, k, v, rank, layout):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
