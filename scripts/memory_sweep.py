@@ -543,6 +543,9 @@ def main(args):
         write(data, out, with_plot=True)
         print(markdown(data))
         return data
+    if not plan(args):
+        sys.exit(f"memory_sweep.py: nothing to run: every context in {args.contexts} is above its row's cap "
+                 f"(rows other than flashlm stop at {BASE_MAX_CONTEXT // K}K unless --max-context ROW=N raises it)")
     data = {"environment": environment(args),
             "settings": {k: v for k, v in vars(args).items() if k not in ("merge", "on_segment_end")},
             "results": []}

@@ -168,14 +168,15 @@ def test_memory_sweep_undoes_liger_patches(monkeypatch):
 
 
 def test_memory_sweep_runs_the_comparison_first():
-    """A tight time budget cuts from the end: flashlm and HF + liger up to 128K, then flashlm at
-    256K, then the other rows, then the longest contexts."""
+    """A tight time budget cuts from the end: both flashlm rows and HF + liger up to 128K, then
+    flashlm at 256K, then the other rows, then the longest contexts."""
     sweep = script("memory_sweep")
     order = [(preset, row, [c // 1024 for c in contexts])
              for preset, row, contexts in sweep.plan(sweep.parse_args(["--preset", "1b", "100m"]))]
     short = [4, 8, 16, 32, 64, 128]
-    assert order == [("1b", "flashlm", short), ("1b", "hf_liger", short), ("100m", "flashlm", short),
-                     ("100m", "hf_liger", short), ("1b", "flashlm", [256]), ("100m", "flashlm", [256]),
+    assert order == [("1b", "flashlm", short), ("1b", "hf_liger", short), ("1b", "flashlm_keepattn", short),
+                     ("100m", "flashlm", short), ("100m", "hf_liger", short), ("100m", "flashlm_keepattn", short),
+                     ("1b", "flashlm", [256]), ("100m", "flashlm", [256]),
                      ("1b", "hf", short), ("1b", "flashlm_sdpa", short), ("1b", "flashlm_eager", short),
                      ("100m", "hf", short), ("100m", "flashlm_sdpa", short), ("100m", "flashlm_eager", short),
                      ("1b", "flashlm", [512]), ("100m", "flashlm", [512])]
@@ -183,3 +184,5 @@ def test_memory_sweep_runs_the_comparison_first():
                                           "hf=32768"]))
     assert [(row, [c // 1024 for c in contexts]) for _, row, contexts in capped] == [
         ("flashlm", [4, 8, 16, 32, 64]), ("hf", [4, 8, 16, 32])]
+    with pytest.raises(SystemExit, match="nothing to run"):
+        sweep.main(sweep.parse_args(["--device", "cpu", "--rows", "hf", "--contexts", "262144"]))
