@@ -836,6 +836,37 @@ def _backward(ctx, dout, dlse):
 _flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _FlashAttnFunction(torch.autograd.Function):
+    """The eager path: the launchers of the custom ops above, without the dispatcher, whose
+    Python layers cost about as much host time per call as flashlm's own. Small models at short
+    context are bound by host time per layer, so eager calls come here; under torch.compile,
+    the custom ops (opaque to the compiler, with fake implementations) are used instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, *static):
+        max_q, max_k, scale, causal, left, right = static
+        ctx.pb = _Problem(q, k, cu_q, max_q, max_k, scale, causal, (left, right))
+        out, lse = _flash_fwd_impl(q, k, v, cu_q, cu_k, ctx.pb)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.set_materialize_grads(False)  # an unused lse brings no gradient to read
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        if dout is None:  # only lse was used
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, ctx.pb)
+        return (dq, dk, dv) + (None,) * 8
+
+
+def _attention(q, k, v, cu_q, cu_k, *static):
+    """(out, lse): the custom op while torch.compile traces, the autograd function otherwise."""
+    if torch.compiler.is_compiling():
+        return _flash_attn_fwd_op(q, k, v, cu_q, cu_k, *static)
+    return _FlashAttnFunction.apply(q, k, v, cu_q, cu_k, *static)
+
+
 class _SavedForward(torch.autograd.Function):
     """Attention whose forward pass already ran: returns its saved output, and differentiates it
     with the usual backward kernels from the saved output and lse."""
@@ -843,14 +874,15 @@ class _SavedForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, saved, static):
         out, lse, cu_q, cu_k = saved
-        ctx.static = static
+        max_q, max_k, scale, causal, left, right = static
+        ctx.pb = _Problem(q, k, cu_q, max_q, max_k, scale, causal, (left, right))
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = _flash_attn_bwd_op(dout, q, k, v, out, lse, None, cu_q, cu_k, *ctx.static)
+        dq, dk, dv = _flash_bwd_impl(dout, q, k, v, out, lse, None, cu_q, cu_k, ctx.pb)
         return dq, dk, dv, None, None
 
 
@@ -992,8 +1024,8 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    out, lse = _flash_attn_fwd_op(q, k, v, None, None, q.shape[1], k.shape[1],
-                                  float(softmax_scale), bool(causal), left, right)
+    out, lse = _attention(q, k, v, None, None, q.shape[1], k.shape[1], float(softmax_scale),
+                          bool(causal), left, right)
     return (out, lse) if return_lse else out
 
 
@@ -1030,7 +1062,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    out, lse = _flash_attn_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                  int(max_seqlen_k), float(softmax_scale), bool(causal),
-                                  left, right)
+    out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                          int(max_seqlen_k), float(softmax_scale), bool(causal), left, right)
     return (out, lse) if return_lse else out
