@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashlm.config import GPTConfig
-from flashlm.memory import (ActivationOffload, CheckpointOptions, block_forward, checkpoint_block, current_attention_tape,
-                            liger_linear_cross_entropy)
+from flashlm.memory import (ActivationOffload, CheckpointOptions, block_forward, checkpoint_block,
+                            current_attention_tape, liger_linear_cross_entropy)
 from flashlm.kernels.attention import flash_attn_func, flash_attn_replay, flash_attn_varlen_func
 from flashlm.kernels.rms_norm import rms_norm
 from flashlm.kernels.rope import rotary_embedding
