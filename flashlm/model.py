@@ -264,28 +264,25 @@ def attention(q, k, v, backend, mask=None):
         # Inside a checkpointed layer with keep_attention: record (out, lse) in the forward
         # pass, replay them in the recomputation instead of running the forward kernel again.
         tape = current_attention_tape()
-        if mask.cu_seqlens is None:
-            if tape is not None and tape.replaying:
-                return flash_attn_replay(q, k, v, *tape.take(), causal=True, window_size=mask.window_size)
-            out = flash_attn_func(q, k, v, causal=True, window_size=mask.window_size, return_lse=tape is not None)
-            if tape is None:
-                return out
-            tape.record(*out)
-            return out[0]
+        record = tape is not None and not tape.replaying
         batch, seqlen = q.shape[:2]
-        cu, longest = mask.cu_seqlens, mask.max_seqlen
-        q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+        packed = {}
+        if mask.cu_seqlens is not None:
+            cu, longest = mask.cu_seqlens, mask.max_seqlen
+            q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+            packed = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest)
         if tape is not None and tape.replaying:
-            out = flash_attn_replay(q, k, v, *tape.take(), causal=True, window_size=mask.window_size,
-                                    cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest)
-        else:
+            out = flash_attn_replay(q, k, v, *tape.take(), causal=True, window_size=mask.window_size, **packed)
+        elif packed:
             # GPT.forward checked the offsets once (check_cu_seqlens); no per-layer read-back.
-            out = flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True, window_size=mask.window_size,
-                                         check_cu_seqlens=False, return_lse=tape is not None)
-            if tape is not None:
-                tape.record(*out)
-                out = out[0]
-        return out.view(batch, seqlen, *out.shape[1:])
+            out = flash_attn_varlen_func(q, k, v, **packed, causal=True, window_size=mask.window_size,
+                                         check_cu_seqlens=False, return_lse=record)
+        else:
+            out = flash_attn_func(q, k, v, causal=True, window_size=mask.window_size, return_lse=record)
+        if record:
+            tape.record(*out)
+            out = out[0]
+        return out.view(batch, seqlen, *out.shape[1:]) if packed else out
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True,

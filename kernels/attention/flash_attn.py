@@ -844,8 +844,7 @@ class _FlashAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, *static):
-        max_q, max_k, scale, causal, left, right = static
-        ctx.pb = _Problem(q, k, cu_q, max_q, max_k, scale, causal, (left, right))
+        ctx.pb = _problem(q, k, cu_q, static)
         out, lse = _flash_fwd_impl(q, k, v, cu_q, cu_k, ctx.pb)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         ctx.set_materialize_grads(False)  # an unused lse brings no gradient to read
@@ -858,6 +857,13 @@ class _FlashAttnFunction(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dq, dk, dv = _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, ctx.pb)
         return (dq, dk, dv) + (None,) * 8
+
+
+def _problem(q, k, cu_q, static):
+    """`_Problem` from the ops' trailing arguments (max_seqlen_q, max_seqlen_k, softmax_scale,
+    causal, window_left, window_right)."""
+    max_q, max_k, scale, causal, left, right = static
+    return _Problem(q, k, cu_q, max_q, max_k, scale, causal, (left, right))
 
 
 def _attention(q, k, v, cu_q, cu_k, *static):
@@ -874,8 +880,7 @@ class _SavedForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, saved, static):
         out, lse, cu_q, cu_k = saved
-        max_q, max_k, scale, causal, left, right = static
-        ctx.pb = _Problem(q, k, cu_q, max_q, max_k, scale, causal, (left, right))
+        ctx.pb = _problem(q, k, cu_q, static)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         return out
 
