@@ -475,3 +475,48 @@ def test_replay_gives_the_forward_and_its_gradients():
         fa.flash_attn_replay(q, k, v, q.clone(), lse.double())
     with pytest.raises(ValueError, match="lse must be float32"):
         fa.flash_attn_replay(q, k, v, q.clone(), lse[:, :, :-1])
+
+
+# The Gluon forward for Hopper (kernels/attention/hopper_fwd.py) runs only on compute
+# capability 9.x; the interpreter cannot run Gluon, so these tests need that GPU.
+ON_HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon forward needs a Hopper GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_name)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("shape", [(2, 256, 4, 2), (1, 1024, 2, 1)], ids=["b2-s256-gqa2", "b1-s1024-mqa"])
+def test_gluon_forward_gpu(shape, head_dim, causal, dtype, monkeypatch):
+    """The Gluon forward (forced on, and checked to have run) gives the reference's out and lse,
+    with NaN-poisoned buffers; the shared backward then gives the reference's gradients."""
+    from flashlm.kernels.attention import hopper_fwd
+    calls = []
+    launch = hopper_fwd.hopper_fwd
+    monkeypatch.setattr(hopper_fwd, "hopper_fwd", lambda *a: calls.append(1) or launch(*a))
+    monkeypatch.setenv("FLASHLM_GLUON_FWD", "1")
+    batch, seqlen, nheads, nheads_k = shape
+    q, k, v, dout = _inputs(seqlen + head_dim, batch, seqlen, seqlen, nheads, nheads_k, head_dim, dtype)
+    _compare(q, k, v, dout, causal, dtype)
+    assert calls, "the Gluon forward did not run"
+
+
+def test_gluon_forward_dispatch(monkeypatch):
+    """The Gluon forward is taken only where its scope holds: never for CPU tensors, packed
+    documents, sliding windows, ragged lengths, or when FLASHLM_GLUON_FWD=0."""
+    from flashlm.kernels.attention import hopper_fwd
+    q, k, v, _ = _inputs(0, 1, 256, 256, 2, 2, 128, torch.float16)
+
+    def taken(q, k, causal=True, window=(-1, -1)):
+        pb = fa._Problem(q, k, None, 0, 0, 0.1, causal, window)
+        return fa._gluon_forward(q, k, k, q, pb)
+
+    assert taken(q, k) == (ON_HOPPER and hopper_fwd.available())
+    assert not taken(q, k, causal=False, window=(64, 0))
+    assert not taken(q[:, :200], k[:, :200])  # not a multiple of the 128-row block
+    assert not taken(q, k[:, :128])  # seqlen_q != seqlen_k
+    monkeypatch.setenv("FLASHLM_GLUON_FWD", "0")
+    assert not taken(q, k)
+    monkeypatch.setenv("FLASHLM_GLUON_FWD", "")
+    q64, k64, _, _ = _inputs(0, 1, 256, 256, 2, 2, 64, torch.float16)
+    assert not taken(q64, k64)  # head dim 64 only when asked for

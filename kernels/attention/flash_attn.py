@@ -16,6 +16,9 @@ Algorithm
     Loads: on Hopper and newer GPUs (fp16/bf16, head dims up to 128, sequences of 1K tokens or
     more) the tiles each inner loop streams come through TMA tensor descriptors built on the
     host; elsewhere through pointers. Both paths compute the same values.
+    Hopper forward: dense causal or full attention at head dim 128 (sequence lengths a multiple
+    of 128) runs the Gluon kernel in ``hopper_fwd.py`` instead; it writes the same out and lse,
+    and the backward below is shared.
 
 Layouts
     Dense: q (batch, seqlen_q, nheads, head_dim); k, v (batch, seqlen_k, nheads_k, head_dim);
@@ -44,11 +47,14 @@ Not supported here
 """
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from . import hopper_fwd
 
 _LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -666,6 +672,8 @@ class _Problem:
             self.lse_shape = (self.batch, self.nheads, self.seqlen_q)
             self.lse_strides = (self.nheads * self.seqlen_q, self.seqlen_q)
         left, right = window_size
+        # Causal with no left window: the one masked shape the Gluon forward also handles.
+        self.causal = bool(causal) and left < 0
         if causal:
             right = 0
         self.left, self.right = max(int(left), 0), max(int(right), 0)
@@ -704,6 +712,21 @@ def _cu_args(pb, cu_q, cu_k, fallback):
     return (cu_q, cu_k) if pb.varlen else (fallback, fallback)
 
 
+def _gluon_forward(q, k, v, out, pb):
+    """Whether the forward runs the Gluon kernel for Hopper (`hopper_fwd`): dense causal or
+    full attention in its scope, at the head dims where it measured faster than this file's
+    kernel (`hopper_fwd.DEFAULT_HEAD_DIMS`). ``FLASHLM_GLUON_FWD=0`` turns it off, ``=1`` on
+    for every head dim it supports."""
+    flag = os.environ.get("FLASHLM_GLUON_FWD", "")
+    if flag == "0" or pb.varlen or pb.meta["MASK_LEFT"]:
+        return False
+    if flag != "1" and q.shape[-1] not in hopper_fwd.DEFAULT_HEAD_DIMS:
+        return False
+    if pb.meta["MASK_RIGHT"] and not pb.causal:
+        return False
+    return hopper_fwd.supports(q, k, v) and hopper_fwd.supports(out, k, v)
+
+
 def _flash_fwd_impl(q, k, v, cu_q, cu_k, pb, out=None, lse=None):
     """Launch the forward. ``out``/``lse`` may be passed in preallocated (tests poison them)."""
     if out is None:
@@ -713,6 +736,10 @@ def _flash_fwd_impl(q, k, v, cu_q, cu_k, pb, out=None, lse=None):
     if out.numel() == 0 or pb.batch == 0:
         lse.fill_(float("inf"))
         return out.zero_(), lse
+
+    if _gluon_forward(q, k, v, out, pb):
+        with _device_ctx(q):
+            return hopper_fwd.hopper_fwd(q, k, v, out, lse, pb.scale, pb.causal)
 
     def grid(meta):
         return (triton.cdiv(pb.seqlen_q, meta["BLOCK_M"]), pb.batch * pb.nheads)

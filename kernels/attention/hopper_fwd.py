@@ -1,0 +1,262 @@
+"""The attention forward for Hopper GPUs, written in Gluon (Triton's warp-level dialect).
+
+Plain Triton schedules each ``wgmma`` wait itself: a block's P @ V is never in flight while
+the next block's softmax runs (NOTES.md, v6). This kernel states the schedule itself:
+
+- one loader warp streams K and V tiles with TMA into a ring of shared-memory stages, each
+  stage guarded by "ready" barriers (TMA bytes arrived) and an "empty" barrier (the compute
+  warps are done with it);
+- two compute warpgroups (8 warps, 64 query rows each) run FlashAttention-3's step order:
+  issue the scores of key block j, then P @ V of block j-1, wait for the scores only, and run
+  block j's online softmax while P @ V is on the tensor cores. P goes to the second product
+  from registers, never through shared memory.
+
+What ptxas makes of this is in NOTES.md (v7): it still waits for P @ V before most softmax
+steps, so the gain over the portable kernel is small (1-6% at head dim 128).
+
+Scope: dense (batch, seqlen, heads, head_dim) fp16/bf16 tensors on compute capability 9.x,
+head dims 64 and 128, seqlen_q == seqlen_k a multiple of the 128-row block, causal or full
+attention without a sliding window. Everything else takes the portable kernel in
+``flash_attn.py``; both write the same ``out`` and natural-log ``lse`` (batch, heads, seqlen),
+so the backward is shared.
+"""
+
+import torch
+import triton
+
+try:  # Gluon ships with triton >= 3.5; on older tritons this path is simply never taken.
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed triton
+    gluon = None
+
+BLOCK_M = 128
+BLOCK_N = 128
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def available():
+    return gluon is not None
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                        kv_empty, q_row, kv_row, q_col, kv_col, n_blocks,
+                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem)
+        for j in range(n_blocks):
+            s = j % STAGES
+            # A fresh barrier counts as having completed the phase before phase 0, so the
+            # first pass over the ring does not wait.
+            free_phase = ((j // STAGES) & 1) ^ 1
+            row = kv_row + j * BLOCK_N
+            mbarrier.wait(kv_empty.index(s), free_phase)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [row, kv_col], k_ready.index(s), k_smem.index(s))
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [row, kv_col], v_ready.index(s), v_smem.index(s))
+
+    @gluon.jit
+    def _scores(q_smem, k_smem, k_ready, j, s_zero, STAGES: gl.constexpr):
+        """Issue S = Q @ K_j^T once K_j has landed; returns the in-flight accumulator."""
+        s = j % STAGES
+        mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
+        return warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False,
+                             is_async=True)
+
+    @gluon.jit
+    def _softmax(s, m_i, l_i, qk_scale, diag, p_layout: gl.constexpr, dtype: gl.constexpr):
+        """One online-softmax step in the log2 domain: P (as the P @ V register operand), the
+        factor that rescales the running output, and the new row max and sum. ``diag`` masks
+        the keys above the causal diagonal (query and key blocks start at the same row)."""
+        rows = gl.arange(0, s.shape[0], layout=gl.SliceLayout(1, s.type.layout))
+        cols = gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
+        if diag:
+            # -1e30 above the diagonal, 0 on and below, without a predicate per element (64
+            # live predicates per thread cost the registers the wgmma pipeline needs).
+            above = gl.minimum((rows[:, None] - cols[None, :]).to(gl.float32), 0.0)
+            s = s + above * 1.0e30
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        return gl.convert_layout(p.to(dtype), p_layout), alpha, m_new, l_i
+
+    @gluon.jit
+    def _step(j, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, s_zero,
+              qk_scale, diag, STAGES: gl.constexpr, p_layout: gl.constexpr,
+              row_o: gl.constexpr):
+        """Scores of block j, P @ V of block j-1 (P given) and the softmax of block j."""
+        s_tok = _scores(q_smem, k_smem, k_ready, j, s_zero, STAGES)
+        sp = (j - 1) % STAGES
+        mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
+        acc_tok = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])  # groups retire in issue order: the scores
+        p_new, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, diag, p_layout, q_smem.dtype)
+        acc, p = warpgroup_mma_wait(0, deps=[acc_tok, p])
+        mbarrier.arrive(kv_empty.index(sp))
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        return p_new, acc, m_i, l_i
+
+    @gluon.jit
+    def _compute_partition(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                           kv_empty, o_desc, lse_ptr, q_row, q_col, lse_off, n_blocks, qk_scale,
+                           CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                           HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        dtype: gl.constexpr = q_smem.dtype
+
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+        l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+        mbarrier.wait(q_bar, 0)
+        s = warpgroup_mma_wait(0, deps=[_scores(q_smem, k_smem, k_ready, 0, s_zero, STAGES)])
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, CAUSAL and n_blocks == 1, p_layout,
+                                      dtype)
+        # Step j issues the scores of block j and then P @ V of block j-1, waits for the
+        # scores only, and runs block j's softmax while P @ V is on the tensor cores. Only one
+        # score tile is ever live: two (scores of j+1 issued under the softmax of j) would
+        # need more than the 240 registers a thread has, and ptxas then waits on each product
+        # right after issuing it. Steps go in pairs so that the P tile being written and the
+        # one P @ V reads alternate between two register sets: a loop-carried P would have to
+        # be rewritten in place, and ptxas would wait for P @ V before the softmax.
+        # The last block may straddle the causal diagonal.
+        # No branch may sit between issuing a product and waiting for it (ptxas waits at
+        # every block boundary), so the masked last step is peeled rather than chosen at run
+        # time inside the loop.
+        for i in range((n_blocks - 2) // 2):
+            j = 1 + 2 * i
+            p, acc, m_i, l_i = _step(j, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_ready,
+                                     v_ready, kv_empty, s_zero, qk_scale, False, STAGES,
+                                     p_layout, row_o)
+            p, acc, m_i, l_i = _step(j + 1, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_ready,
+                                     v_ready, kv_empty, s_zero, qk_scale, False, STAGES,
+                                     p_layout, row_o)
+        if n_blocks % 2 == 1 and n_blocks > 1:  # an odd number of unmasked steps
+            p, acc, m_i, l_i = _step(n_blocks - 2, p, acc, m_i, l_i, q_smem, k_smem, v_smem,
+                                     k_ready, v_ready, kv_empty, s_zero, qk_scale, False,
+                                     STAGES, p_layout, row_o)
+        if n_blocks > 1:
+            p, acc, m_i, l_i = _step(n_blocks - 1, p, acc, m_i, l_i, q_smem, k_smem, v_smem,
+                                     k_ready, v_ready, kv_empty, s_zero, qk_scale, CAUSAL,
+                                     STAGES, p_layout, row_o)
+
+        last = n_blocks - 1
+        st = last % STAGES
+        mbarrier.wait(v_ready.index(st), (last // STAGES) & 1)
+        acc_tok = warpgroup_mma(p, v_smem.index(st), acc, is_async=True)
+        acc, p = warpgroup_mma_wait(0, deps=[acc_tok, p])
+        mbarrier.arrive(kv_empty.index(st))
+
+        acc = acc / gl.convert_layout(l_i, row_o)[:, None]
+        # Every product that read Q has retired: its buffer stages the output tile.
+        q_smem.store(acc.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [q_row, q_col], q_smem)
+        lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+        gl.store(lse_ptr + lse_off + gl.arange(0, BLOCK_M, layout=row_s), lse)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, nheads, group,
+                           qk_scale, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                           num_warps: gl.constexpr):
+        n_m = seqlen // BLOCK_M
+        start_m = n_m - 1 - gl.program_id(0)  # heaviest causal blocks first
+        bh = gl.program_id(1)
+        b = bh // nheads
+        h = bh % nheads
+        q_row = b * seqlen + start_m * BLOCK_M
+        kv_row = b * seqlen
+        q_col = h * HEAD_DIM
+        kv_col = (h // group) * HEAD_DIM
+        if CAUSAL:
+            n_blocks = (start_m + 1) * BLOCK_M // BLOCK_N
+        else:
+            n_blocks = seqlen // BLOCK_N
+        lse_off = bh.to(gl.int64) * seqlen + start_m * BLOCK_M
+
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=1)
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_compute_partition, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                                  kv_empty, o_desc, lse_ptr, q_row, q_col, lse_off, n_blocks,
+                                  qk_scale, CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, num_warps)),
+            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready,
+                               v_ready, kv_empty, q_row, kv_row, q_col, kv_col, n_blocks,
+                               BLOCK_N, STAGES)),
+        ], [1], [24])
+
+
+STAGES = {64: 4, 128: 3}  # K and V ring depth: what fits in 227 KB beside the Q tile
+# Where this kernel beat the portable Triton forward on the H100 (NOTES.md, v7): at head dim
+# 64 it is 6-13% slower, so it runs there only when asked for (FLASHLM_GLUON_FWD=1).
+DEFAULT_HEAD_DIMS = (128,)
+
+
+def supports(q, k, v):
+    """Whether the Gluon forward can take these dense (batch, seqlen, heads, head_dim) tensors
+    (see the module docstring for the scope); the caller checks the mask."""
+    if gluon is None or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    if q.dim() != 4 or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in STAGES:
+        return False
+    batch, seqlen, nheads, head_dim = q.shape
+    if k.shape[1] != seqlen or seqlen % BLOCK_M or nheads % k.shape[2]:
+        return False
+    for t in (q, k, v):
+        # Rows (batch * seqlen) of width heads * head_dim must be one strided 2-D matrix.
+        if t.stride(3) != 1 or t.stride(2) != head_dim or t.stride(0) != seqlen * t.stride(1):
+            return False
+        if t.data_ptr() % 16 or (t.stride(1) * t.element_size()) % 16:
+            return False
+    return True
+
+
+def _desc(t, rows):
+    batch, seqlen, nheads, head_dim = t.shape
+    gl_dtype = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
+    layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl_dtype)
+    return TensorDescriptor(t, [batch * seqlen, nheads * head_dim], [t.stride(1), 1],
+                            [rows, head_dim], layout)
+
+
+def hopper_fwd(q, k, v, out, lse, softmax_scale, causal):
+    """Fill ``out`` (like q, contiguous) and ``lse`` (batch, heads, seqlen) fp32."""
+    batch, seqlen, nheads, head_dim = q.shape
+    grid = (seqlen // BLOCK_M, batch * nheads)
+    _hopper_fwd_kernel[grid](
+        _desc(q, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), _desc(out, BLOCK_M), lse,
+        seqlen, nheads, nheads // k.shape[2], softmax_scale * _LOG2E,
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        STAGES=STAGES[head_dim], num_warps=8)
+    return out, lse
