@@ -14,6 +14,10 @@ the next block's softmax runs (NOTES.md, v6). This kernel states the schedule it
 What ptxas makes of this is in NOTES.md (v7): it still waits for P @ V before most softmax
 steps, so the gain over the portable kernel is small (1-6% at head dim 128).
 
+Runs on triton 3.6 (measured on the H100) and compiles for sm_90 with the newest triton, where
+the TMA copies were renamed (``tests/test_attention.py`` compiles it on the CPU and reads the
+SASS).
+
 Scope: dense (batch, seqlen, heads, head_dim) fp16/bf16 tensors on compute capability 9.x,
 head dims 64 and 128, seqlen_q == seqlen_k a multiple of the 128-row block, causal or full
 attention without a sliding window. Everything else takes the portable kernel in
@@ -30,6 +34,10 @@ try:  # Gluon ships with triton >= 3.5; on older tritons this path is simply nev
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global;
+    # newer tritons call them async_load / async_store and make the old names raise.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 except ImportError:  # pragma: no cover - depends on the installed triton
     gluon = None
 
@@ -50,7 +58,7 @@ if gluon is not None:
                         kv_empty, q_row, kv_row, q_col, kv_col, n_blocks,
                         BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem)
+        _tma_load(q_desc, [q_row, q_col], q_bar, q_smem)
         for j in range(n_blocks):
             s = j % STAGES
             # A fresh barrier counts as having completed the phase before phase 0, so the
@@ -59,9 +67,9 @@ if gluon is not None:
             row = kv_row + j * BLOCK_N
             mbarrier.wait(kv_empty.index(s), free_phase)
             mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [row, kv_col], k_ready.index(s), k_smem.index(s))
+            _tma_load(k_desc, [row, kv_col], k_ready.index(s), k_smem.index(s))
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [row, kv_col], v_ready.index(s), v_smem.index(s))
+            _tma_load(v_desc, [row, kv_col], v_ready.index(s), v_smem.index(s))
 
     @gluon.jit
     def _scores(q_smem, k_smem, k_ready, j, s_zero, STAGES: gl.constexpr):
@@ -167,7 +175,7 @@ if gluon is not None:
         # Every product that read Q has retired: its buffer stages the output tile.
         q_smem.store(acc.to(dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [q_row, q_col], q_smem)
+        _tma_store(o_desc, [q_row, q_col], q_smem)
         lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
         gl.store(lse_ptr + lse_off + gl.arange(0, BLOCK_M, layout=row_s), lse)
         tma.store_wait(0)
