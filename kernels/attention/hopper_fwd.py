@@ -26,7 +26,6 @@ so the backward is shared.
 """
 
 import torch
-import triton
 
 try:  # Gluon ships with triton >= 3.5; on older tritons this path is simply never taken.
     from triton.experimental import gluon
@@ -44,7 +43,6 @@ except ImportError:  # pragma: no cover - depends on the installed triton
 BLOCK_M = 128
 BLOCK_N = 128
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 def available():
@@ -140,13 +138,13 @@ if gluon is not None:
         # scores only, and runs block j's softmax while P @ V is on the tensor cores. Only one
         # score tile is ever live: two (scores of j+1 issued under the softmax of j) would
         # need more than the 240 registers a thread has, and ptxas then waits on each product
-        # right after issuing it. Steps go in pairs so that the P tile being written and the
-        # one P @ V reads alternate between two register sets: a loop-carried P would have to
-        # be rewritten in place, and ptxas would wait for P @ V before the softmax.
-        # The last block may straddle the causal diagonal.
-        # No branch may sit between issuing a product and waiting for it (ptxas waits at
-        # every block boundary), so the masked last step is peeled rather than chosen at run
-        # time inside the loop.
+        # right after issuing it. Steps go in pairs, so that the P being written and the P
+        # that P @ V reads are two register sets rather than one loop-carried value. That was
+        # meant to stop ptxas from waiting for P @ V before the softmax; it still does so in
+        # the loop steps and only keeps the overlap in the peeled last step (NOTES.md, v7).
+        # The last block may straddle the causal diagonal. No branch may sit between issuing
+        # a product and waiting for it (ptxas waits at every block boundary), so the masked
+        # last step is peeled rather than chosen at run time inside the loop.
         for i in range((n_blocks - 2) // 2):
             j = 1 + 2 * i
             p, acc, m_i, l_i = _step(j, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_ready,
@@ -176,7 +174,7 @@ if gluon is not None:
         q_smem.store(acc.to(dtype))
         fence_async_shared()
         _tma_store(o_desc, [q_row, q_col], q_smem)
-        lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+        lse = (m_i + gl.log2(l_i)) * 0.6931471805599453  # log2 -> natural log: times ln 2
         gl.store(lse_ptr + lse_off + gl.arange(0, BLOCK_M, layout=row_s), lse)
         tma.store_wait(0)
 
