@@ -511,8 +511,12 @@ def test_gluon_forward_dispatch(monkeypatch):
         pb = fa._Problem(q, k, None, 0, 0, 0.1, causal, window)
         return fa._gluon_forward(q, k, k, q, pb)
 
-    assert taken(q, k) == (ON_HOPPER and hopper_fwd.available())
+    expected = ON_HOPPER and hopper_fwd.available()
+    assert taken(q, k) == expected
+    assert taken(q, k, causal=False) == expected
+    assert taken(q, k, causal=False, window=(-1, 0)) == expected  # the causal mask, spelled out
     assert not taken(q, k, causal=False, window=(64, 0))
+    assert not taken(q, k, causal=False, window=(-1, 64))
     assert not taken(q[:, :200], k[:, :200])  # not a multiple of the 128-row block
     assert not taken(q, k[:, :128])  # seqlen_q != seqlen_k
     monkeypatch.setenv("FLASHLM_GLUON_FWD", "0")

@@ -672,8 +672,6 @@ class _Problem:
             self.lse_shape = (self.batch, self.nheads, self.seqlen_q)
             self.lse_strides = (self.nheads * self.seqlen_q, self.seqlen_q)
         left, right = window_size
-        # Causal with no left window: the one masked shape the Gluon forward also handles.
-        self.causal = bool(causal) and left < 0
         if causal:
             right = 0
         self.left, self.right = max(int(left), 0), max(int(right), 0)
@@ -722,9 +720,9 @@ def _gluon_forward(q, k, v, out, pb):
         return False
     if flag != "1" and q.shape[-1] not in hopper_fwd.DEFAULT_HEAD_DIMS:
         return False
-    if pb.meta["MASK_RIGHT"] and not pb.causal:
+    if pb.meta["MASK_RIGHT"] and pb.right != 0:  # a right window wider than causal
         return False
-    return hopper_fwd.supports(q, k, v) and hopper_fwd.supports(out, k, v)
+    return hopper_fwd.supports(q, k, v, out)
 
 
 def _flash_fwd_impl(q, k, v, cu_q, cu_k, pb, out=None, lse=None):
@@ -739,7 +737,8 @@ def _flash_fwd_impl(q, k, v, cu_q, cu_k, pb, out=None, lse=None):
 
     if _gluon_forward(q, k, v, out, pb):
         with _device_ctx(q):
-            return hopper_fwd.hopper_fwd(q, k, v, out, lse, pb.scale, pb.causal)
+            # Only full attention and the causal mask are left: a right mask means causal.
+            return hopper_fwd.hopper_fwd(q, k, v, out, lse, pb.scale, pb.meta["MASK_RIGHT"])
 
     def grid(meta):
         return (triton.cdiv(pb.seqlen_q, meta["BLOCK_M"]), pb.batch * pb.nheads)

@@ -229,7 +229,7 @@ STAGES = {64: 4, 128: 3}  # K and V ring depth: what fits in 227 KB beside the Q
 DEFAULT_HEAD_DIMS = (128,)
 
 
-def supports(q, k, v):
+def supports(q, k, v, out):
     """Whether the Gluon forward can take these dense (batch, seqlen, heads, head_dim) tensors
     (see the module docstring for the scope); the caller checks the mask."""
     if gluon is None or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
@@ -239,7 +239,7 @@ def supports(q, k, v):
     batch, seqlen, nheads, head_dim = q.shape
     if k.shape[1] != seqlen or seqlen % BLOCK_M or nheads % k.shape[2]:
         return False
-    for t in (q, k, v):
+    for t in (q, k, v, out):
         # Rows (batch * seqlen) of width heads * head_dim must be one strided 2-D matrix.
         if t.stride(3) != 1 or t.stride(2) != head_dim or t.stride(0) != seqlen * t.stride(1):
             return False
