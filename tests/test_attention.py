@@ -524,6 +524,9 @@ def test_gluon_forward_dispatch(monkeypatch):
     monkeypatch.setenv("FLASHLM_GLUON_FWD", "")
     q64, k64, _, _ = _inputs(0, 1, 256, 256, 2, 2, 64, torch.float16)
     assert not taken(q64, k64)  # head dim 64 only when asked for
+    monkeypatch.setenv("FLASHLM_GLUON_FWD", "off")
+    with pytest.raises(ValueError, match="FLASHLM_GLUON_FWD must be 0"):
+        flash_attn_func(q, k, k)
 
 
 @pytest.mark.parametrize("head_dim,causal", [(128, True), (64, False)], ids=["d128-causal", "d64-full"])

@@ -716,6 +716,8 @@ def _gluon_forward(q, k, v, out, pb):
     kernel (`hopper_fwd.DEFAULT_HEAD_DIMS`). ``FLASHLM_GLUON_FWD=0`` turns it off, ``=1`` on
     for every head dim it supports."""
     flag = os.environ.get("FLASHLM_GLUON_FWD", "")
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"FLASHLM_GLUON_FWD must be 0 (off), 1 (on) or unset, got {flag!r}")
     if flag == "0" or pb.varlen or pb.meta["MASK_LEFT"]:
         return False
     if flag != "1" and q.shape[-1] not in hopper_fwd.DEFAULT_HEAD_DIMS:
