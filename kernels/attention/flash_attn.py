@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import hopper_fwd
+from . import hopper_bwd, hopper_fwd
 
 _LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -758,8 +758,21 @@ def _flash_fwd_impl(q, k, v, cu_q, cu_k, pb, out=None, lse=None):
     return out, lse
 
 
-def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, pb, grads=None):
-    """Launch the backward. ``grads=(dq, dk, dv)`` may be passed in preallocated."""
+def _gluon_backward(q, k, v, out, dout, pb, deterministic):
+    """Whether the backward runs the fused Gluon kernel for Hopper (`hopper_bwd`): only when
+    the caller allows a non-deterministic dQ, for dense causal or full attention in its scope."""
+    if deterministic or pb.varlen or pb.meta["MASK_LEFT"]:
+        return False
+    if pb.meta["MASK_RIGHT"] and pb.right != 0:
+        return False
+    return hopper_bwd.supports(q, k, v, out, dout)
+
+
+def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, pb, grads=None,
+                    deterministic=True):
+    """Launch the backward. ``grads=(dq, dk, dv)`` may be passed in preallocated.
+    ``deterministic=False`` lets Hopper GPUs take the fused kernel, whose dQ sums in a varying
+    order."""
     dout = _unit_last(dout)
     if grads is None:
         grads = (torch.empty(q.shape, dtype=q.dtype, device=q.device),
@@ -779,6 +792,10 @@ def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, pb, grads=None):
             HEAD_DIM=pb.meta["HEAD_DIM"], BLOCK_D=pb.meta["BLOCK_D"], BLOCK_M=pre_block,
             HAS_DLSE=dlse is not None, VARLEN=pb.varlen,
         )
+        if _gluon_backward(q, k, v, out, dout, pb, deterministic):
+            hopper_bwd.hopper_bwd(dout, q, k, v, lse, delta, dq, dk, dv, pb.scale,
+                                  pb.meta["MASK_RIGHT"])
+            return dq, dk, dv
         use_tma = _tma_for(pb, q, dout)
         descs = _descriptors(use_tma, q, dout)
         _launch(

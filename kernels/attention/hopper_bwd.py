@@ -1,0 +1,272 @@
+"""A fused attention backward for Hopper GPUs, written in Gluon (non-deterministic dQ).
+
+The portable backward (``flash_attn.py``) is deterministic: a dK/dV kernel and a separate dQ
+kernel, which recomputes the scores and dP, so each (query block, key block) pair costs seven
+matrix products where five are counted. This kernel does the five in one pass over each key
+block and adds every pair's share of dQ into an fp32 buffer with atomics. The order of those
+additions varies from run to run, so dQ differs in its last bits between runs: it is the
+``deterministic=False`` backward.
+
+One program owns a block of 128 keys (64 per compute warpgroup) and walks the query blocks
+(64 rows each, every query head of the key head's group):
+
+- one loader warp streams Q and dO tiles with TMA into a ring of shared-memory stages,
+  guarded by "ready" barriers (bytes arrived) and an "empty" barrier (the compute warps are
+  done with the stage);
+- the compute warpgroups form S^T = K Q^T and dP^T = V dO^T, turn them into P^T and
+  dS^T = P^T * (dP^T - delta) in registers, and accumulate dV += P^T dO and dK += dS^T Q with
+  P^T and dS^T as register operands; dS^T also goes to shared memory, where both warpgroups
+  read it back (transposed) for dQ = dS K, each computing half of dQ's columns;
+
+Scope as the Gluon forward (``hopper_fwd.supports``): dense fp16/bf16, head dims 64 and 128,
+equal query and key lengths that are a multiple of 128, causal or full.
+"""
+
+import torch
+
+from . import hopper_fwd
+
+if hopper_fwd.available():
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from .hopper_fwd import _tma_load, _tma_store
+    from triton.experimental.gluon.language._core import builtin
+    from triton._C.libtriton import ir as _ir
+    # A barrier over the compute warps: thread_barrier in triton 3.6, barrier in newer tritons.
+    _sync_warps = getattr(gl, "barrier", None) or gl.thread_barrier
+
+    @builtin
+    def _tma_add_36(tensor_desc, coord, src, _semantic=None):
+        """TMA reduce-add of a shared-memory tile into global memory. Newer tritons expose it
+        as ``tma.async_atomic_add``; triton 3.6 has the operation but no Python wrapper."""
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD,
+                                                  tensor_desc.handle, coord, src.handle)
+
+    _tma_add = getattr(tma, "async_atomic_add", None) or _tma_add_36
+else:  # pragma: no cover - depends on the installed triton
+    gluon = None
+
+BLOCK_M = 64    # query rows per step
+BLOCK_N = 128   # keys per program (64 per compute warpgroup)
+STAGES = 2      # Q / dO ring depth
+_LOG2E = 1.4426950408889634
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _bwd_load_partition(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem,
+                            kv_bar, q_ready, do_ready, qdo_empty, q_row0, kv_row, kv_col, head0,
+                            group, m_lo, n_q, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                            STAGES: gl.constexpr):
+        mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        _tma_load(k_desc, [kv_row, kv_col], kv_bar, k_smem)
+        _tma_load(v_desc, [kv_row, kv_col], kv_bar, v_smem)
+        steps = n_q - m_lo
+        for t in range(group * steps):
+            s = t % STAGES
+            # A fresh barrier counts as having completed the phase before phase 0.
+            mbarrier.wait(qdo_empty.index(s), ((t // STAGES) & 1) ^ 1)
+            row = q_row0 + (m_lo + t % steps) * BLOCK_M
+            col = (head0 + t // steps) * HEAD_DIM
+            mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+            _tma_load(q_desc, [row, col], q_ready.index(s), q_smem.index(s))
+            mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
+            _tma_load(do_desc, [row, col], do_ready.index(s), do_smem.index(s))
+
+    @gluon.jit
+    def _bwd_step(t, i, h, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, q_ready, do_ready,
+                  qdo_empty, dq_smem, dq_desc, lse_ptr, delta_ptr, lse_row, q_row0, keys,
+                  qk_scale, st_zero, dq_zero, MASK: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  BLOCK_M: gl.constexpr, STAGES: gl.constexpr, a_layout: gl.constexpr):
+        """Query block i of head h against this program's keys (ring step t): add into dK and
+        dV, and add this pair's share of dQ into the fp32 buffer."""
+        s = t % STAGES
+        phase = (t // STAGES) & 1
+        st_layout: gl.constexpr = st_zero.type.layout
+        qcols = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
+        lse = gl.load(lse_ptr + lse_row + qcols) * 1.4426950408889634
+        delta = gl.load(delta_ptr + lse_row + qcols)
+
+        mbarrier.wait(q_ready.index(s), phase)
+        st_tok = warpgroup_mma(k_smem, q_smem.index(s).permute((1, 0)), st_zero, use_acc=False,
+                               is_async=True)
+        mbarrier.wait(do_ready.index(s), phase)
+        dpt_tok = warpgroup_mma(v_smem, do_smem.index(s).permute((1, 0)), st_zero,
+                                use_acc=False, is_async=True)
+        st = warpgroup_mma_wait(1, deps=[st_tok])
+        if MASK:
+            # A key after the query gets -1e30 (probability 0), without a predicate per element.
+            later = gl.minimum((qcols[None, :] - keys[:, None]).to(gl.float32), 0.0)
+            st = st + later * 1.0e30
+        pt = gl.exp2(st * qk_scale - lse[None, :])
+        dpt = warpgroup_mma_wait(0, deps=[dpt_tok])
+        ds16 = (pt * (dpt - delta[None, :])).to(q_smem.dtype)
+
+        pt_a = gl.convert_layout(pt.to(q_smem.dtype), a_layout)
+        dv_tok = warpgroup_mma(pt_a, do_smem.index(s), dv, is_async=True)
+        ds_a = gl.convert_layout(ds16, a_layout)
+        dk_tok = warpgroup_mma(ds_a, q_smem.index(s), dk, is_async=True)
+        # dS^T to shared memory, where both warpgroups read it (transposed) for dQ = dS K. Two
+        # buffers: a warpgroup that runs ahead writes the other one, and the barrier keeps it
+        # from getting two steps ahead.
+        ds_buf = ds_smem.index(t % 2)
+        ds_buf.store(ds16)
+        fence_async_shared()
+        # The reduce of the previous step's dQ has finished reading dq_smem once its issuing
+        # thread passes this wait; the barrier tells everyone else.
+        tma.store_wait(0)
+        _sync_warps()
+        dq_tok = warpgroup_mma(ds_buf.permute((1, 0)), k_smem, dq_zero, use_acc=False,
+                               is_async=True)
+        dv, dk, dq, pt_a, ds_a = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok, pt_a, ds_a])
+        mbarrier.arrive(qdo_empty.index(s))
+        # This pair's share of dQ goes out by one TMA reduce-add; it runs while the next step
+        # computes.
+        dq_smem.store(dq)
+        fence_async_shared()
+        _tma_add(dq_desc, [q_row0 + i * BLOCK_M, h * HEAD_DIM], dq_smem)
+        return dk, dv
+
+    @gluon.jit
+    def _bwd_compute_partition(q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar,
+                               q_ready, do_ready, qdo_empty, dk_desc, dv_desc, dq_desc, lse_ptr,
+                               delta_ptr, q_row0, kv_row, kv_col, lse_row0, head0, nheads, seqlen,
+                               group, m_lo, n_q, key0, qk_scale, softmax_scale,
+                               CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                               STAGES: gl.constexpr, num_warps: gl.constexpr):
+        # S^T and dP^T: (keys, queries), one warpgroup per 64 keys.
+        st_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
+        # dK and dV: (keys, head dim).
+        kv_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
+        # dQ: (queries, head dim), the two warpgroups side by side over the head dim.
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, num_warps // 4],
+            instr_shape=[16, HEAD_DIM // (num_warps // 4), 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout,
+                                                     k_width=2)
+        MASKED: gl.constexpr = BLOCK_N // BLOCK_M  # query blocks on the causal diagonal
+
+        st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
+        dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
+        dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+        dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+        keys = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, st_layout))
+        steps = n_q - m_lo
+
+        mbarrier.wait(kv_bar, 0)
+        for g in range(group):
+            t0 = g * steps
+            lse_row = lse_row0 + g * seqlen
+            h = head0 + g
+            first = m_lo
+            if CAUSAL:
+                for d in gl.static_range(MASKED):
+                    dk, dv = _bwd_step(t0 + d, m_lo + d, h, dk, dv, q_smem, do_smem, k_smem,
+                                       v_smem, ds_smem, q_ready, do_ready, qdo_empty, dq_smem,
+                                       dq_desc, lse_ptr, delta_ptr, lse_row, q_row0, keys,
+                                       qk_scale, st_zero, dq_zero, True, HEAD_DIM, BLOCK_M,
+                                       STAGES, a_layout)
+                first = m_lo + MASKED
+            for i in range(first, n_q):
+                dk, dv = _bwd_step(t0 + i - m_lo, i, h, dk, dv, q_smem, do_smem, k_smem, v_smem,
+                                   ds_smem, q_ready, do_ready, qdo_empty, dq_smem, dq_desc,
+                                   lse_ptr, delta_ptr, lse_row, q_row0, keys, qk_scale, st_zero,
+                                   dq_zero, False, HEAD_DIM, BLOCK_M, STAGES, a_layout)
+
+        # Every product that read K or V has retired in both warpgroups: their buffers stage
+        # dK and dV.
+        _sync_warps()
+        k_smem.store((dk * softmax_scale).to(k_smem.dtype))
+        v_smem.store(dv.to(v_smem.dtype))
+        fence_async_shared()
+        _tma_store(dk_desc, [kv_row, kv_col], k_smem)
+        _tma_store(dv_desc, [kv_row, kv_col], v_smem)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _hopper_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse_ptr,
+                           delta_ptr, seqlen, nheads, group, qk_scale, softmax_scale,
+                           CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                           num_warps: gl.constexpr):
+        start_n = gl.program_id(0)  # key block; the first ones see the most queries if causal
+        bhk = gl.program_id(1)
+        nheads_k = nheads // group
+        b = bhk // nheads_k
+        hk = bhk % nheads_k
+        head0 = hk * group
+        q_row0 = b * seqlen
+        kv_row = b * seqlen + start_n * BLOCK_N
+        kv_col = hk * HEAD_DIM
+        n_q = seqlen // BLOCK_M
+        if CAUSAL:
+            m_lo = start_n * (BLOCK_N // BLOCK_M)
+        else:
+            m_lo = 0
+        lse_row0 = (b * nheads + head0).to(gl.int64) * seqlen
+
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+        ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM], dq_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(do_ready.index(i), count=1)
+            mbarrier.init(qdo_empty.index(i), count=1)
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_bwd_compute_partition, (q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar,
+                                      q_ready, do_ready, qdo_empty, dk_desc, dv_desc, dq_desc,
+                                      lse_ptr, delta_ptr, q_row0, kv_row, kv_col, lse_row0, head0, nheads,
+                                      seqlen, group, m_lo, n_q, start_n * BLOCK_N, qk_scale,
+                                      softmax_scale, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                                      num_warps)),
+            (_bwd_load_partition, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem,
+                                   v_smem, kv_bar, q_ready, do_ready, qdo_empty, q_row0, kv_row,
+                                   kv_col, head0, group, m_lo, n_q, HEAD_DIM, BLOCK_M, STAGES)),
+        ], [1], [24])
+
+
+def supports(q, k, v, out, dout):
+    """Whether this backward can take these tensors: the Gluon forward's scope, with dout laid
+    out like q."""
+    return hopper_fwd.supports(q, k, v, out) and hopper_fwd.supports(q, k, v, dout)
+
+
+def hopper_bwd(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal):
+    """Fill dq, dk, dv (laid out like q, k, v) from ``delta`` = rowsum(dO * O) - dLSE and the
+    forward's natural-log ``lse``, both (batch, heads, seqlen) fp32."""
+    batch, seqlen, nheads, head_dim = q.shape
+    nheads_k = k.shape[2]
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dq_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, head_dim], gl.float32)
+    dq_desc = TensorDescriptor(dq_acc, [batch * seqlen, nheads * head_dim], [nheads * head_dim, 1],
+                               [BLOCK_M, head_dim], dq_layout)
+    grid = (seqlen // BLOCK_N, batch * nheads_k)
+    _hopper_bwd_kernel[grid](
+        hopper_fwd._desc(q, BLOCK_M), hopper_fwd._desc(k, BLOCK_N), hopper_fwd._desc(v, BLOCK_N),
+        hopper_fwd._desc(dout, BLOCK_M), hopper_fwd._desc(dk, BLOCK_N),
+        hopper_fwd._desc(dv, BLOCK_N), dq_desc, lse, delta,
+        seqlen, nheads, nheads // nheads_k, softmax_scale * _LOG2E, softmax_scale,
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES,
+        num_warps=8)
+    dq.copy_(dq_acc.mul_(softmax_scale))
+    return dq, dk, dv
