@@ -67,6 +67,9 @@ class GPTConfig:
             attention's forward kernel (at long context the costliest op of a layer), for one
             (tokens, hidden) tensor in the compute dtype per layer. Other attention backends
             recompute as before. Needs gradient_checkpointing.
+        attention_deterministic: keep flash attention's backward bit-for-bit reproducible (the
+            default). False lets Hopper GPUs run the fused backward, which sums dQ with atomics
+            in a varying order and is faster (see ``flash_attn_func``).
         mlp_chunk_size: run the MLP this many tokens at a time, so that at most that many tokens
             of (tokens, intermediate_size) activations exist; free under gradient_checkpointing,
             one extra gate/up projection without it; 0 disables.
@@ -99,6 +102,7 @@ class GPTConfig:
     checkpoint_dtype: str | None = None
     checkpoint_offload: bool = False
     checkpoint_keep_attention: bool = False
+    attention_deterministic: bool = True
     mlp_chunk_size: int = 0
     head_dim: int = field(init=False)
 
@@ -137,6 +141,8 @@ class GPTConfig:
         _check(isinstance(self.checkpoint_offload, bool), "checkpoint_offload", self.checkpoint_offload, "a bool")
         _check(isinstance(self.checkpoint_keep_attention, bool), "checkpoint_keep_attention",
                self.checkpoint_keep_attention, "a bool")
+        _check(isinstance(self.attention_deterministic, bool), "attention_deterministic",
+               self.attention_deterministic, "a bool")
         for name in ("checkpoint_dtype", "checkpoint_offload", "checkpoint_keep_attention"):
             _check(self.gradient_checkpointing or not getattr(self, name), name, getattr(self, name),
                    "unset unless gradient_checkpointing is true (it applies to checkpointed layer inputs)")

@@ -253,11 +253,12 @@ def document_index(cu_seqlens):
     return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
 
 
-def attention(q, k, v, backend, mask=None):
+def attention(q, k, v, backend, mask=None, deterministic=True):
     """Causal attention over (batch, seqlen, heads, head_dim) q and (batch, seqlen, kv_heads, head_dim) k, v.
 
     ``backend`` is "flash", "sdpa" or "eager"; ``mask`` (an ``AttentionMask`` built for that
-    backend) adds a sliding window and/or document boundaries. The output has q's shape and dtype.
+    backend) adds a sliding window and/or document boundaries. ``deterministic=False`` lets the
+    flash backend take its faster non-deterministic backward. The output has q's shape and dtype.
     """
     mask = mask or AttentionMask()
     if backend == "flash":
@@ -272,13 +273,16 @@ def attention(q, k, v, backend, mask=None):
             q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
             packed = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest)
         if tape is not None and tape.replaying:
-            out = flash_attn_replay(q, k, v, *tape.take(), causal=True, window_size=mask.window_size, **packed)
+            out = flash_attn_replay(q, k, v, *tape.take(), causal=True, window_size=mask.window_size,
+                                    deterministic=deterministic, **packed)
         elif packed:
             # GPT.forward checked the offsets once (check_cu_seqlens); no per-layer read-back.
             out = flash_attn_varlen_func(q, k, v, **packed, causal=True, window_size=mask.window_size,
-                                         check_cu_seqlens=False, return_lse=record)
+                                         check_cu_seqlens=False, return_lse=record,
+                                         deterministic=deterministic)
         else:
-            out = flash_attn_func(q, k, v, causal=True, window_size=mask.window_size, return_lse=record)
+            out = flash_attn_func(q, k, v, causal=True, window_size=mask.window_size, return_lse=record,
+                                  deterministic=deterministic)
         if record:
             tape.record(*out)
             out = out[0]
@@ -328,7 +332,7 @@ class Attention(nn.Module):
             q, k = rotary_embedding(q, k, cos, sin)  # one launch, q and k read in place
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attention(q, k, v, backend, mask)
+        out = attention(q, k, v, backend, mask, self.config.attention_deterministic)
         return self.o_proj(out.reshape(batch, seqlen, -1))
 
 

@@ -23,9 +23,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-PROVIDERS = ["flashlm", "sdpa_flash", "sdpa_cudnn", "flex"]
-LABELS = {"flashlm": "flashlm", "sdpa_flash": "SDPA FA2", "sdpa_cudnn": "SDPA cuDNN",
-          "flex": "FlexAttention"}
+# flashlm_nondet: flash_attn_func(deterministic=False), the fused backward on Hopper.
+PROVIDERS = ["flashlm", "flashlm_nondet", "sdpa_flash", "sdpa_cudnn", "flex"]
+LABELS = {"flashlm": "flashlm", "flashlm_nondet": "flashlm non-det.", "sdpa_flash": "SDPA FA2",
+          "sdpa_cudnn": "SDPA cuDNN", "flex": "FlexAttention"}
 
 
 def attention_flops(batch, nheads, seqlen, head_dim, causal, mode):
@@ -35,9 +36,10 @@ def attention_flops(batch, nheads, seqlen, head_dim, causal, mode):
 
 def make_attention(provider, causal, seqlen, device):
     """A function (q, k, v) -> out on (B, S, H, D) tensors, in the provider's own layout."""
-    if provider == "flashlm":
+    if provider in ("flashlm", "flashlm_nondet"):
         from flashlm import flash_attn_func
-        return lambda q, k, v: flash_attn_func(q, k, v, causal=causal)
+        deterministic = provider == "flashlm"
+        return lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=deterministic)
     if provider in ("sdpa_flash", "sdpa_cudnn"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
         backend = SDPBackend.FLASH_ATTENTION if provider == "sdpa_flash" else SDPBackend.CUDNN_ATTENTION
@@ -266,9 +268,11 @@ def markdown(results, env):
              "", "FLOPs: forward 4*B*H*S*S*D (halved when causal), backward 2.5x forward, "
              "forward+backward 3.5x. Hidden 2048 (H = 2048/D), B*S = 16K up to S = 16K, then B = 1. "
              "Cells: forward / backward / forward+backward; ratio columns are flashlm's "
-             "forward+backward over the peer's.", ""]
+             "forward+backward over the peer's (deterministic, then non-deterministic backward).",
+             ""]
     header = ["D", "causal", "S"] + [LABELS[p] for p in PROVIDERS] + \
-             ["vs FA2", "vs cuDNN", "vs Flex", "flashlm fwd vs FA2", "flashlm peak GiB"]
+             ["vs FA2", "vs cuDNN", "vs Flex", "non-det. vs FA2", "non-det. vs cuDNN",
+              "flashlm fwd vs FA2", "flashlm peak GiB"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for shape in results:
         cells = [str(shape["head_dim"]), "yes" if shape["causal"] else "no", f"{shape['seqlen'] // 1024}K"]
@@ -282,12 +286,14 @@ def markdown(results, env):
             else:
                 cells.append(f"{r['fwd_tflops']:.0f} / {r['bwd_tflops']:.0f} / {r['fwd_bwd_tflops']:.0f}")
 
-        def ratio(peer, mode="fwd_bwd"):
-            a, b = by.get("flashlm", {}), by.get(peer, {})
+        def ratio(peer, mode="fwd_bwd", ours="flashlm"):
+            a, b = by.get(ours, {}), by.get(peer, {})
             if f"{mode}_tflops" in a and f"{mode}_tflops" in b:
                 return f"{a[f'{mode}_tflops'] / b[f'{mode}_tflops']:.2f}x"
             return "-"
-        cells += [ratio("sdpa_flash"), ratio("sdpa_cudnn"), ratio("flex"), ratio("sdpa_flash", "fwd")]
+        cells += [ratio("sdpa_flash"), ratio("sdpa_cudnn"), ratio("flex"),
+                  ratio("sdpa_flash", ours="flashlm_nondet"),
+                  ratio("sdpa_cudnn", ours="flashlm_nondet"), ratio("sdpa_flash", "fwd")]
         fl = by.get("flashlm", {})
         cells.append(f"{fl['peak_mem_gib']:.2f}" if "peak_mem_gib" in fl else "-")
         lines.append("| " + " | ".join(cells) + " |")

@@ -1,6 +1,6 @@
-"""Compile flashlm's Gluon forward for sm_90 on any machine and print its SASS.
+"""Compile one of flashlm's Gluon kernels for sm_90 on any machine and print its SASS.
 
-Usage: python tests/gluon_sass.py HEAD_DIM CAUSAL. Exit status 3 (with the reason on stdout)
+Usage: python tests/gluon_sass.py fwd|bwd HEAD_DIM CAUSAL. Exit status 3 (with the reason on stdout)
 when this triton cannot do it: no Gluon, compile internals moved, or no cuobjdump.
 Used by tests/test_attention.py; run outside the Triton interpreter.
 """
@@ -14,7 +14,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from flashlm.kernels.attention import hopper_fwd  # noqa: E402
+from flashlm.kernels.attention import hopper_bwd, hopper_fwd  # noqa: E402
 
 
 def skip(reason):
@@ -22,7 +22,26 @@ def skip(reason):
     sys.exit(3)
 
 
-def main(head_dim, causal):
+def _forward(head_dim, causal):
+    q = torch.empty(1, 1024, 16, head_dim, dtype=torch.bfloat16)
+    desc = hopper_fwd._desc(q, hopper_fwd.BLOCK_M)
+    consts = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper_fwd.BLOCK_M,
+                  BLOCK_N=hopper_fwd.BLOCK_N, STAGES=hopper_fwd.STAGES[head_dim], num_warps=8)
+    return hopper_fwd._hopper_fwd_kernel, consts, lambda name: desc
+
+
+def _backward(head_dim, causal):
+    q = torch.empty(1, 1024, 16, head_dim, dtype=torch.bfloat16)
+    descs = dict(q_desc=hopper_fwd._desc(q, hopper_bwd.BLOCK_M),
+                 do_desc=hopper_fwd._desc(q, hopper_bwd.BLOCK_M),
+                 dq_desc=hopper_bwd._dq_desc(q.float()))
+    tile = hopper_fwd._desc(q, hopper_bwd.BLOCK_N)
+    consts = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper_bwd.BLOCK_M,
+                  BLOCK_N=hopper_bwd.BLOCK_N, STAGES=hopper_bwd.STAGES, num_warps=8)
+    return hopper_bwd._hopper_bwd_kernel, consts, lambda name: descs.get(name, tile)
+
+
+def main(kind, head_dim, causal):
     if not hopper_fwd.available():
         skip("this triton has no Gluon")
     try:
@@ -31,13 +50,10 @@ def main(head_dim, causal):
         from triton.runtime.jit import mangle_type
     except ImportError as exc:
         skip(f"triton's compile internals moved: {exc}")
-    q = torch.empty(1, 1024, 16, head_dim, dtype=torch.bfloat16)
-    desc = mangle_type(hopper_fwd._desc(q, hopper_fwd.BLOCK_M))
-    kernel = hopper_fwd._hopper_fwd_kernel
-    consts = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper_fwd.BLOCK_M,
-                  BLOCK_N=hopper_fwd.BLOCK_N, STAGES=hopper_fwd.STAGES[head_dim], num_warps=8)
-    types = {"lse_ptr": "*fp32", "qk_scale": "fp32"}
-    signature = {n: "constexpr" if n in consts else desc if n.endswith("_desc")
+    kernel, consts, desc = (_forward if kind == "fwd" else _backward)(head_dim, causal)
+    types = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "qk_scale": "fp32",
+             "softmax_scale": "fp32"}
+    signature = {n: "constexpr" if n in consts else mangle_type(desc(n)) if n.endswith("_desc")
                  else types.get(n, "i32") for n in kernel.arg_names}
     src = GluonASTSource(kernel, signature,
                          constexprs={(kernel.arg_names.index(n),): v for n, v in consts.items()})
@@ -55,4 +71,4 @@ def main(head_dim, causal):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), bool(int(sys.argv[2])))
+    main(sys.argv[1], int(sys.argv[2]), bool(int(sys.argv[3])))

@@ -67,9 +67,11 @@ def _check(name, got, ref64, low, dtype, scale=None):
     assert err <= bound, f"{name}: max error {err:.3e} exceeds {bound:.3e} (scale {scale:.2e})"
 
 
-def _run_poisoned(q, k, v, dout, causal, window=(-1, -1), cu_q=None, cu_k=None, max_q=0, max_k=0):
+def _run_poisoned(q, k, v, dout, causal, window=(-1, -1), cu_q=None, cu_k=None, max_q=0, max_k=0,
+                  deterministic=True):
     """Forward and backward through the launchers, with every output buffer NaN-filled first."""
-    pb = fa._Problem(q, k, cu_q, max_q, max_k, 1.0 / math.sqrt(q.shape[-1]), causal, window)
+    pb = fa._Problem(q, k, cu_q, max_q, max_k, 1.0 / math.sqrt(q.shape[-1]), causal, window,
+                     deterministic)
     out = torch.full_like(q, float("nan"))
     lse = torch.full(pb.lse_shape, float("nan"), device=q.device)
     out, lse = fa._flash_fwd_impl(q, k, v, cu_q, cu_k, pb, out=out, lse=lse)
@@ -78,8 +80,8 @@ def _run_poisoned(q, k, v, dout, causal, window=(-1, -1), cu_q=None, cu_k=None, 
     return out, lse, dq, dk, dv
 
 
-def _compare(q, k, v, dout, causal, dtype, window=(-1, -1)):
-    got = _run_poisoned(q, k, v, dout, causal, window)
+def _compare(q, k, v, dout, causal, dtype, window=(-1, -1), deterministic=True):
+    got = _run_poisoned(q, k, v, dout, causal, window, deterministic=deterministic)
     ref64 = _reference(q, k, v, dout, causal, torch.float64, window)
     low = _reference(q, k, v, dout, causal, dtype, window)
     # A gradient that cancels to ~0 (dk with a single key) is judged on the scale of the
@@ -529,6 +531,61 @@ def test_gluon_forward_dispatch(monkeypatch):
         flash_attn_func(q, k, k)
 
 
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon backward needs a Hopper GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_name)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("shape", [(2, 256, 4, 2), (1, 1024, 2, 1)], ids=["b2-s256-gqa2", "b1-s1024-mqa"])
+def test_gluon_backward_gpu(shape, head_dim, causal, dtype, monkeypatch):
+    """The fused Gluon backward (deterministic=False; checked to have run) gives the reference's
+    gradients with NaN-poisoned buffers, and agrees with the deterministic backward to within
+    the rounding of the gradients' dtype."""
+    from flashlm.kernels.attention import hopper_bwd
+    calls = []
+    launch = hopper_bwd.hopper_bwd
+    monkeypatch.setattr(hopper_bwd, "hopper_bwd", lambda *a: calls.append(1) or launch(*a))
+    batch, seqlen, nheads, nheads_k = shape
+    q, k, v, dout = _inputs(seqlen + head_dim + 7, batch, seqlen, seqlen, nheads, nheads_k,
+                            head_dim, dtype)
+    _compare(q, k, v, dout, causal, dtype, deterministic=False)
+    assert calls, "the Gluon backward did not run"
+    fused = _run_poisoned(q, k, v, dout, causal, deterministic=False)
+    split = _run_poisoned(q, k, v, dout, causal, deterministic=True)
+    assert len(calls) == 2
+    # dK and dV sum in the same order in both kernels' fp32 accumulators; dQ's order differs.
+    for name, a, b in zip(("dq", "dk", "dv"), fused[2:], split[2:]):
+        ulp = torch.finfo(dtype).eps * b.float().abs().max().item()
+        assert (a.float() - b.float()).abs().max().item() <= 4 * ulp, name
+
+
+def test_gluon_backward_dispatch():
+    """The fused backward is taken only when the caller gives up determinism, on a Hopper GPU,
+    inside its scope (dense, causal or full, lengths a multiple of 128); everything else takes
+    the deterministic kernels."""
+    from flashlm.kernels.attention import hopper_bwd
+    q, k, v, dout = _inputs(0, 1, 256, 256, 2, 2, 128, torch.float16)
+
+    def taken(q, k, deterministic=False, causal=True, window=(-1, -1)):
+        pb = fa._Problem(q, k, None, 0, 0, 0.1, causal, window, deterministic)
+        return fa._gluon_backward(q, k, k, q, q, k, k, pb)
+
+    expected = ON_HOPPER and hopper_bwd.available()
+    assert taken(q, k) == expected
+    assert taken(q, k, causal=False) == expected
+    assert not taken(q, k, deterministic=True)
+    assert not taken(q, k, causal=False, window=(64, 0))
+    assert not taken(q[:, :200], k[:, :200])
+    assert not taken(q, k[:, :128])
+    # Through the public function: the flag reaches the backward, and the gradients are right
+    # on every device (elsewhere the deterministic kernels run).
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = flash_attn_func(*leaves, causal=True, deterministic=False)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref = _reference(q, k, v, dout, True, torch.float64)
+    for g, r in zip(grads, ref[2:]):
+        assert (g.double() - r).abs().max().item() < 2e-2
+
+
 @pytest.mark.parametrize("head_dim,causal", [(128, True), (64, False)], ids=["d128-causal", "d64-full"])
 def test_gluon_forward_compiles_for_hopper(head_dim, causal):
     """The Gluon forward compiles for sm_90 with the installed triton, without a GPU (triton
@@ -542,11 +599,34 @@ def test_gluon_forward_compiles_for_hopper(head_dim, causal):
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "gluon_sass.py")
-    run = subprocess.run([sys.executable, script, str(head_dim), str(int(causal))], env=env,
-                         capture_output=True, text=True)
+    run = subprocess.run([sys.executable, script, "fwd", str(head_dim), str(int(causal))],
+                         env=env, capture_output=True, text=True)
     if run.returncode == 3:
         pytest.skip(run.stdout.strip())
     assert run.returncode == 0, run.stderr[-3000:]
     sass = run.stdout
     assert sass.count("HGMMA") >= 4 * head_dim // 16  # the scores and P @ V of several steps
     assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass, "ptxas serialized every wgmma"
+
+
+@pytest.mark.parametrize("head_dim,causal", [(128, True), (64, False)], ids=["d128-causal", "d64-full"])
+def test_gluon_backward_compiles_for_hopper(head_dim, causal):
+    """The fused Gluon backward compiles for sm_90 with the installed triton (as the forward
+    above), all five products of a step are wgmma, and ptxas keeps dP^T in flight while P^T is
+    computed (``WARPGROUP.DEPBAR.LE gsb0, 0x1``) and dQ leaves by TMA reduce-add
+    (``UTMAREDG``), not by per-element atomics."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "gluon_sass.py")
+    run = subprocess.run([sys.executable, script, "bwd", str(head_dim), str(int(causal))],
+                         env=env, capture_output=True, text=True)
+    if run.returncode == 3:
+        pytest.skip(run.stdout.strip())
+    assert run.returncode == 0, run.stderr[-3000:]
+    sass = run.stdout
+    # Per step: S^T and dP^T (K = head_dim each), dV and dK (K = 64 query rows), dQ (K = 128 keys).
+    assert sass.count("HGMMA") >= 2 * head_dim // 16 + 2 * 64 // 16 + 128 // 16
+    assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass, "ptxas serialized every wgmma"
+    assert "UTMAREDG" in sass and "RED.E.ADD" not in sass

@@ -656,8 +656,9 @@ class _Problem:
     """
 
     def __init__(self, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                 window_size):
+                 window_size, deterministic=True):
         self.varlen = cu_seqlens_q is not None
+        self.deterministic = deterministic
         self.nheads, head_dim = q.shape[-2], q.shape[-1]
         self.nheads_k = k.shape[-2]
         if self.varlen:
@@ -758,21 +759,19 @@ def _flash_fwd_impl(q, k, v, cu_q, cu_k, pb, out=None, lse=None):
     return out, lse
 
 
-def _gluon_backward(q, k, v, out, dout, pb, deterministic):
+def _gluon_backward(q, k, v, out, dout, dk, dv, pb):
     """Whether the backward runs the fused Gluon kernel for Hopper (`hopper_bwd`): only when
     the caller allows a non-deterministic dQ, for dense causal or full attention in its scope."""
-    if deterministic or pb.varlen or pb.meta["MASK_LEFT"]:
+    if pb.deterministic or pb.varlen or pb.meta["MASK_LEFT"]:
         return False
     if pb.meta["MASK_RIGHT"] and pb.right != 0:
         return False
-    return hopper_bwd.supports(q, k, v, out, dout)
+    return hopper_bwd.supports(q, k, v, out, dout, dk, dv)
 
 
-def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, pb, grads=None,
-                    deterministic=True):
-    """Launch the backward. ``grads=(dq, dk, dv)`` may be passed in preallocated.
-    ``deterministic=False`` lets Hopper GPUs take the fused kernel, whose dQ sums in a varying
-    order."""
+def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, pb, grads=None):
+    """Launch the backward. ``grads=(dq, dk, dv)`` may be passed in preallocated. A problem
+    built with ``deterministic=False`` lets Hopper GPUs take the fused kernel."""
     dout = _unit_last(dout)
     if grads is None:
         grads = (torch.empty(q.shape, dtype=q.dtype, device=q.device),
@@ -792,7 +791,7 @@ def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, pb, grads=None,
             HEAD_DIM=pb.meta["HEAD_DIM"], BLOCK_D=pb.meta["BLOCK_D"], BLOCK_M=pre_block,
             HAS_DLSE=dlse is not None, VARLEN=pb.varlen,
         )
-        if _gluon_backward(q, k, v, out, dout, pb, deterministic):
+        if _gluon_backward(q, k, v, out, dout, dk, dv, pb):
             hopper_bwd.hopper_bwd(dout, q, k, v, lse, delta, dq, dk, dv, pb.scale,
                                   pb.meta["MASK_RIGHT"])
             return dq, dk, dv
@@ -829,15 +828,16 @@ def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, pb, grads=None,
 def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
                        max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool,
-                       window_left: int, window_right: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       window_left: int, window_right: int, deterministic: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     pb = _Problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                  (window_left, window_right))
+                  (window_left, window_right), deterministic)
     return _flash_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, pb)
 
 
 @_flash_attn_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      window_left, window_right):
+      window_left, window_right, deterministic):
     if cu_seqlens_q is not None:
         lse_shape = (q.shape[1], q.shape[0])
     else:
@@ -851,16 +851,16 @@ def _flash_attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        out: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None,
                        cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
                        max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool,
-                       window_left: int, window_right: int
+                       window_left: int, window_right: int, deterministic: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     pb = _Problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                  (window_left, window_right))
+                  (window_left, window_right), deterministic)
     return _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, pb)
 
 
 @_flash_attn_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      softmax_scale, causal, window_left, window_right):
+      softmax_scale, causal, window_left, window_right, deterministic):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
@@ -875,7 +875,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = _flash_attn_bwd_op(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.static)
-    return (dq, dk, dv) + (None,) * 8
+    return (dq, dk, dv) + (None,) * 9
 
 
 _flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -901,14 +901,14 @@ class _FlashAttnFunction(torch.autograd.Function):
         if dout is None:  # only lse was used
             dout = torch.zeros_like(out)
         dq, dk, dv = _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, ctx.pb)
-        return (dq, dk, dv) + (None,) * 8
+        return (dq, dk, dv) + (None,) * 9
 
 
 def _problem(q, k, cu_q, static):
     """`_Problem` from the ops' trailing arguments (max_seqlen_q, max_seqlen_k, softmax_scale,
-    causal, window_left, window_right)."""
-    max_q, max_k, scale, causal, left, right = static
-    return _Problem(q, k, cu_q, max_q, max_k, scale, causal, (left, right))
+    causal, window_left, window_right, deterministic)."""
+    max_q, max_k, scale, causal, left, right, deterministic = static
+    return _Problem(q, k, cu_q, max_q, max_k, scale, causal, (left, right), deterministic)
 
 
 def _attention(q, k, v, cu_q, cu_k, *static):
@@ -937,7 +937,8 @@ class _SavedForward(torch.autograd.Function):
 
 
 def flash_attn_replay(q, k, v, out, lse, softmax_scale=None, causal=False, window_size=(-1, -1),
-                      cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+                      cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                      deterministic=True):
     """Attention of q, k, v whose forward pass has already run, without running it again.
 
     ``out`` and ``lse`` are what `flash_attn_func` (or `flash_attn_varlen_func`, with
@@ -945,7 +946,8 @@ def flash_attn_replay(q, k, v, out, lse, softmax_scale=None, causal=False, windo
     inputs and options. The result is ``out``, attached to the autograd graph of q, k and v:
     its backward is the usual one. Activation checkpointing uses this to recompute a layer
     without its attention forward (``GPTConfig.checkpoint_keep_attention``). Nothing checks that
-    ``out`` came from these inputs; gradients are only right if it did.
+    ``out`` came from these inputs; gradients are only right if it did. ``deterministic`` is as
+    in `flash_attn_func`.
     """
     fn = "flash_attn_replay"
     varlen = cu_seqlens_q is not None
@@ -965,7 +967,7 @@ def flash_attn_replay(q, k, v, out, lse, softmax_scale=None, causal=False, windo
         static = (int(max_seqlen_q), int(max_seqlen_k))
     else:
         static = (q.shape[1], k.shape[1])
-    static += (float(softmax_scale), bool(causal), left, right)
+    static += (float(softmax_scale), bool(causal), left, right, bool(deterministic))
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     return _SavedForward.apply(q, k, v, (out, lse, cu_seqlens_q, cu_seqlens_k), static)
 
@@ -1045,7 +1047,7 @@ def _check_cu_seqlens(fn, name, cu, total, max_seqlen, device, batch=None, value
 
 
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    return_lse=False):
+                    return_lse=False, deterministic=True):
     """Exact attention without materializing the score matrix (FlashAttention-2 interface).
 
     Args:
@@ -1058,12 +1060,17 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
             sees keys ``[i + d - left, i + d + right]`` with ``d = seqlen_k - seqlen_q``
             (``right`` is 0 when causal).
         return_lse: also return the log-sum-exp of the scaled scores.
+        deterministic: keep the backward bit-for-bit reproducible (the default). ``False``
+            lets Hopper GPUs run a fused backward that sums dQ with atomics, in an order that
+            varies between runs (last-bit differences); it is faster there
+            (``kernels/attention/NOTES.md``). Where that kernel does not apply (other GPUs,
+            sliding windows, lengths that are not a multiple of 128) the flag changes nothing.
 
     Returns:
         out: (batch, seqlen_q, nheads, head_dim), dtype of ``q``; or ``(out, lse)`` with
         lse: (batch, nheads, seqlen_q) float32, natural log (``+inf`` for a row that sees no key).
 
-    Differentiable in q, k and v (and through ``lse``); the backward is deterministic.
+    Differentiable in q, k and v (and through ``lse``).
     """
     fn = "flash_attn_func"
     _check_tensors(fn, q, k, v, 4, "(batch, seqlen, heads, head_dim)")
@@ -1075,13 +1082,13 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out, lse = _attention(q, k, v, None, None, q.shape[1], k.shape[1], float(softmax_scale),
-                          bool(causal), left, right)
+                          bool(causal), left, right, bool(deterministic))
     return (out, lse) if return_lse else out
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            softmax_scale=None, causal=False, window_size=(-1, -1),
-                           return_lse=False, check_cu_seqlens=True):
+                           return_lse=False, check_cu_seqlens=True, deterministic=True):
     """Attention over packed variable-length sequences; no attention crosses a sequence.
 
     Args:
@@ -1092,6 +1099,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         max_seqlen_q, max_seqlen_k: upper bounds on the sequence lengths (they size the grid).
         softmax_scale, causal, window_size: as in `flash_attn_func`, per sequence.
         return_lse: also return lse of shape (nheads, total_q).
+        deterministic: as in `flash_attn_func`; packed sequences always take the
+            deterministic backward today.
         check_cu_seqlens: check the offsets' values (see below); pass False when the caller
             has already checked them, e.g. once per model forward rather than once per layer.
 
@@ -1113,5 +1122,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                          int(max_seqlen_k), float(softmax_scale), bool(causal), left, right)
+                          int(max_seqlen_k), float(softmax_scale), bool(causal), left, right,
+                          bool(deterministic))
     return (out, lse) if return_lse else out

@@ -52,8 +52,12 @@ else:  # pragma: no cover - depends on the installed triton
 
 BLOCK_M = 64    # query rows per step
 BLOCK_N = 128   # keys per program (64 per compute warpgroup)
-STAGES = 2      # Q / dO ring depth
+STAGES = 3      # Q / dO ring depth (3 measured 0-4% faster than 2 when causal)
 _LOG2E = 1.4426950408889634
+
+
+def available():
+    return gluon is not None
 
 
 if gluon is not None:
@@ -245,10 +249,19 @@ if gluon is not None:
         ], [1], [24])
 
 
-def supports(q, k, v, out, dout):
+def supports(q, k, v, out, dout, dk, dv):
     """Whether this backward can take these tensors: the Gluon forward's scope, with dout laid
-    out like q."""
-    return hopper_fwd.supports(q, k, v, out) and hopper_fwd.supports(q, k, v, dout)
+    out like q and dk, dv like k and v (dq may have any layout)."""
+    return hopper_fwd.supports(q, k, v, out) and hopper_fwd.supports(q, dk, dv, dout)
+
+
+def _dq_desc(dq_acc):
+    """The fp32 dQ accumulator (batch, seqlen, heads, head_dim) as rows of heads * head_dim, in
+    (BLOCK_M, head_dim) tiles."""
+    batch, seqlen, nheads, head_dim = dq_acc.shape
+    layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, head_dim], gl.float32)
+    return TensorDescriptor(dq_acc, [batch * seqlen, nheads * head_dim], [nheads * head_dim, 1],
+                            [BLOCK_M, head_dim], layout)
 
 
 def hopper_bwd(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal):
@@ -257,14 +270,11 @@ def hopper_bwd(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal):
     batch, seqlen, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dq_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, head_dim], gl.float32)
-    dq_desc = TensorDescriptor(dq_acc, [batch * seqlen, nheads * head_dim], [nheads * head_dim, 1],
-                               [BLOCK_M, head_dim], dq_layout)
     grid = (seqlen // BLOCK_N, batch * nheads_k)
     _hopper_bwd_kernel[grid](
         hopper_fwd._desc(q, BLOCK_M), hopper_fwd._desc(k, BLOCK_N), hopper_fwd._desc(v, BLOCK_N),
         hopper_fwd._desc(dout, BLOCK_M), hopper_fwd._desc(dk, BLOCK_N),
-        hopper_fwd._desc(dv, BLOCK_N), dq_desc, lse, delta,
+        hopper_fwd._desc(dv, BLOCK_N), _dq_desc(dq_acc), lse, delta,
         seqlen, nheads, nheads // nheads_k, softmax_scale * _LOG2E, softmax_scale,
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES,
         num_warps=8)
