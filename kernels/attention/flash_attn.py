@@ -766,6 +766,8 @@ def _gluon_backward(q, k, v, out, dout, dk, dv, pb):
         return False
     if pb.meta["MASK_RIGHT"] and pb.right != 0:
         return False
+    if (q.shape[-1], bool(pb.meta["MASK_RIGHT"])) not in hopper_bwd.FASTER:
+        return False
     return hopper_bwd.supports(q, k, v, out, dout, dk, dv)
 
 

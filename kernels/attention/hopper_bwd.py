@@ -19,7 +19,10 @@ One program owns a block of 128 keys (64 per compute warpgroup) and walks the qu
   read it back (transposed) for dQ = dS K, each computing half of dQ's columns;
 
 Scope as the Gluon forward (``hopper_fwd.supports``): dense fp16/bf16, head dims 64 and 128,
-equal query and key lengths that are a multiple of 128, causal or full.
+equal query and key lengths that are a multiple of 128, causal or full; the dispatch takes it
+where it measured faster (``FASTER``). On the H100 its backward ran at 476-483 TFLOP/s at head
+dim 128, causal, 16K-128K, against 404-417 for the deterministic kernels and 526-541 for
+cuDNN; what ptxas made of the schedule is in NOTES.md (v8).
 """
 
 import torch
@@ -54,6 +57,12 @@ BLOCK_M = 64    # query rows per step
 BLOCK_N = 128   # keys per program (64 per compute warpgroup)
 STAGES = 3      # Q / dO ring depth (3 measured 0-4% faster than 2 when causal)
 _LOG2E = 1.4426950408889634
+
+
+# (head dim, causal) where this kernel measured faster than the deterministic pair of kernels
+# on the H100 (results/attention/attention.md): at head dim 64 without a mask it was 0.91-1.05x
+# over 1K-64K, so the deterministic kernels keep that case.
+FASTER = {(128, True), (128, False), (64, True)}
 
 
 def available():
