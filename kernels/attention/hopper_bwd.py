@@ -3,8 +3,8 @@
 The portable backward (``flash_attn.py``) is deterministic: a dK/dV kernel and a separate dQ
 kernel, which recomputes the scores and dP, so each (query block, key block) pair costs seven
 matrix products where five are counted. This kernel does the five in one pass over each key
-block and adds every pair's share of dQ into an fp32 buffer with atomics. The order of those
-additions varies from run to run, so dQ differs in its last bits between runs: it is the
+block and adds every pair's share of dQ into an fp32 buffer with a TMA reduce-add. The order
+of those additions varies from run to run, so dQ differs in its last bits between runs: it is the
 ``deterministic=False`` backward.
 
 One program owns a block of 128 keys (64 per compute warpgroup) and walks the query blocks
@@ -17,6 +17,8 @@ One program owns a block of 128 keys (64 per compute warpgroup) and walks the qu
   dS^T = P^T * (dP^T - delta) in registers, and accumulate dV += P^T dO and dK += dS^T Q with
   P^T and dS^T as register operands; dS^T also goes to shared memory, where both warpgroups
   read it back (transposed) for dQ = dS K, each computing half of dQ's columns;
+- the dQ tile goes through shared memory and out by one TMA reduce-add, which runs while the
+  next step computes; a small copy afterwards scales the fp32 sum and casts it to dq's dtype.
 
 Scope as the Gluon forward (``hopper_fwd.supports``): dense fp16/bf16, head dims 64 and 128,
 equal query and key lengths that are a multiple of 128, causal or full; the dispatch takes it
@@ -60,8 +62,8 @@ _LOG2E = 1.4426950408889634
 
 
 # (head dim, causal) where this kernel measured faster than the deterministic pair of kernels
-# on the H100 (results/attention/attention.md): at head dim 64 without a mask it was 0.91-1.05x
-# over 1K-64K, so the deterministic kernels keep that case.
+# on the H100 (results/attention/attention.md): at head dim 64 without a mask its backward was
+# 0.87-1.07x theirs over 1K-64K, so the deterministic kernels keep that case.
 FASTER = {(128, True), (128, False), (64, True)}
 
 
