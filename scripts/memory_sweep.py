@@ -27,6 +27,8 @@ after the warm-up one(s). Rows:
     flashlm_mlp      + chunked MLP (everything but the offload)
     flashlm_liger    every lever, with liger-kernel's fused loss instead of flashlm's
     flashlm_torch_ops  every lever, RMSNorm, RoPE and SwiGLU as PyTorch ops (fused_ops="torch")
+    flashlm_nondet   flashlm_keepattn with attention_deterministic=False (the fused attention
+                     backward on Hopper; dQ summed in a varying order)
 
 An out-of-memory is recorded and ends that row (longer contexts are skipped), as does the row
 time cap; ``--time-budget`` skips whatever would not finish in time, so a run always ends with
@@ -90,11 +92,14 @@ ROWS = {
     "flashlm_liger": ("flashlm, all levers, liger loss", dict(attn_backend="flash", **LEVERS, loss_impl="liger")),
     "flashlm_torch_ops": ("flashlm, all levers, PyTorch RMSNorm/RoPE/SwiGLU",
                           dict(attn_backend="flash", **{**LEVERS, "fused_ops": "torch"})),
+    "flashlm_nondet": ("flashlm, all levers, attention outputs kept, non-deterministic attention backward",
+                       dict(attn_backend="flash", **LEVERS, checkpoint_keep_attention=True,
+                            attention_deterministic=False)),
 }
 DEFAULT_ROWS = ["flashlm", "flashlm_keepattn", "flashlm_sdpa", "flashlm_eager", "hf", "hf_liger"]
 # Run order within a preset: the headline rows first, so a tight budget cuts the others.
 ORDER = ["flashlm", "hf", "hf_liger", "flashlm_keepattn", "flashlm_sdpa", "flashlm_eager", "flashlm_plain", "flashlm_ckpt",
-         "flashlm_bf16", "flashlm_mlp", "flashlm_liger", "flashlm_torch_ops"]
+         "flashlm_bf16", "flashlm_mlp", "flashlm_liger", "flashlm_torch_ops", "flashlm_nondet"]
 REFERENCE_ROW = "hf_liger"
 FIRST_GUESS = 15.0
 
