@@ -19,6 +19,9 @@ Algorithm
     Hopper forward: dense causal or full attention at head dim 128 (sequence lengths a multiple
     of 128) runs the Gluon kernel in ``hopper_fwd.py`` instead; it writes the same out and lse,
     and the backward below is shared.
+    Hopper backward, opt-in (``deterministic=False``): the fused Gluon kernel in
+    ``hopper_bwd.py`` replaces the dK/dV and dQ kernels for dense causal or full attention in
+    its scope; it adds dQ with TMA reduce-adds, so dQ's last bits vary between runs.
 
 Layouts
     Dense: q (batch, seqlen_q, nheads, head_dim); k, v (batch, seqlen_k, nheads_k, head_dim);
