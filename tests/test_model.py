@@ -74,6 +74,7 @@ def test_preset_overrides_and_dict_round_trip():
     (dict(rms_norm_eps=0.0), "rms_norm_eps"),
     (dict(attn_backend="flash2"), "attn_backend"),
     (dict(loss_chunk_size=-1), "loss_chunk_size"),
+    (dict(attention_deterministic="no"), "attention_deterministic"),
     (dict(eos_token_id=96), "eos_token_id"),
     (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_scaling"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling"),
@@ -84,6 +85,29 @@ def test_invalid_config_names_field_and_value(overrides, field):
     with pytest.raises(ValueError, match=rf"GPTConfig\.{field}=") as e:
         tiny(**overrides)
     assert repr(overrides[field]) in str(e.value)
+
+
+def test_attention_deterministic_reaches_the_kernel(monkeypatch):
+    """GPTConfig.attention_deterministic is what every layer passes to flash_attn_func (the
+    default True keeps the reproducible backward); the loss does not depend on it."""
+    import flashlm.model as model_module
+    seen = []
+    real = model_module.flash_attn_func
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["deterministic"])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(model_module, "flash_attn_func", spy)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 16), device=DEVICE)
+    losses = []
+    for deterministic in (True, False):
+        torch.manual_seed(0)
+        model = GPT(tiny(attn_backend="flash", attention_deterministic=deterministic)).to(DEVICE)
+        losses.append(model(ids, labels=ids).loss)
+        losses[-1].backward()
+        assert seen == [deterministic] * TINY["num_hidden_layers"]
+        seen.clear()
+    assert torch.equal(losses[0], losses[1])
 
 
 def test_unknown_keys_and_presets_are_errors():
