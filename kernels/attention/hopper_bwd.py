@@ -18,7 +18,8 @@ One program owns a block of 128 keys (64 per compute warpgroup) and walks the qu
   P^T and dS^T as register operands; dS^T also goes to shared memory, where both warpgroups
   read it back (transposed) for dQ = dS K, each computing half of dQ's columns;
 - the dQ tile goes through shared memory and out by one TMA reduce-add, which runs while the
-  next step computes; a small copy afterwards scales the fp32 sum and casts it to dq's dtype.
+  next step computes (already scaled by the softmax scale); a copy afterwards casts the fp32
+  sum to dq's dtype.
 
 Scope as the Gluon forward (``hopper_fwd.supports``): dense fp16/bf16, head dims 64 and 128,
 equal query and key lengths that are a multiple of 128, causal or full; the dispatch takes it
@@ -96,7 +97,8 @@ if gluon is not None:
     @gluon.jit
     def _bwd_step(t, i, h, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, q_ready, do_ready,
                   qdo_empty, dq_smem, dq_desc, lse_ptr, delta_ptr, lse_row, q_row0, keys,
-                  qk_scale, st_zero, dq_zero, MASK: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  qk_scale, softmax_scale, st_zero, dq_zero, MASK: gl.constexpr,
+                  HEAD_DIM: gl.constexpr,
                   BLOCK_M: gl.constexpr, STAGES: gl.constexpr, a_layout: gl.constexpr):
         """Query block i of head h against this program's keys (ring step t): add into dK and
         dV, and add this pair's share of dQ into the fp32 buffer."""
@@ -142,7 +144,7 @@ if gluon is not None:
         mbarrier.arrive(qdo_empty.index(s))
         # This pair's share of dQ goes out by one TMA reduce-add; it runs while the next step
         # computes.
-        dq_smem.store(dq)
+        dq_smem.store(dq * softmax_scale)
         fence_async_shared()
         _tma_add(dq_desc, [q_row0 + i * BLOCK_M, h * HEAD_DIM], dq_smem)
         return dk, dv
@@ -187,14 +189,16 @@ if gluon is not None:
                     dk, dv = _bwd_step(t0 + d, m_lo + d, h, dk, dv, q_smem, do_smem, k_smem,
                                        v_smem, ds_smem, q_ready, do_ready, qdo_empty, dq_smem,
                                        dq_desc, lse_ptr, delta_ptr, lse_row, q_row0, keys,
-                                       qk_scale, st_zero, dq_zero, True, HEAD_DIM, BLOCK_M,
+                                       qk_scale, softmax_scale, st_zero, dq_zero, True,
+                                       HEAD_DIM, BLOCK_M,
                                        STAGES, a_layout)
                 first = m_lo + MASKED
             for i in range(first, n_q):
                 dk, dv = _bwd_step(t0 + i - m_lo, i, h, dk, dv, q_smem, do_smem, k_smem, v_smem,
                                    ds_smem, q_ready, do_ready, qdo_empty, dq_smem, dq_desc,
-                                   lse_ptr, delta_ptr, lse_row, q_row0, keys, qk_scale, st_zero,
-                                   dq_zero, False, HEAD_DIM, BLOCK_M, STAGES, a_layout)
+                                   lse_ptr, delta_ptr, lse_row, q_row0, keys, qk_scale,
+                                   softmax_scale, st_zero, dq_zero, False, HEAD_DIM, BLOCK_M,
+                                   STAGES, a_layout)
 
         # Every product that read K or V has retired in both warpgroups: their buffers stage
         # dK and dV.
@@ -289,5 +293,5 @@ def hopper_bwd(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal):
         seqlen, nheads, nheads // nheads_k, softmax_scale * _LOG2E, softmax_scale,
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES,
         num_warps=8)
-    dq.copy_(dq_acc.mul_(softmax_scale))
+    dq.copy_(dq_acc)
     return dq, dk, dv
