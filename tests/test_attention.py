@@ -591,25 +591,31 @@ def test_gluon_backward_dispatch():
         assert (g.double() - r).abs().max().item() < 2e-2
 
 
+def _hopper_sass(kind, head_dim, causal):
+    """SASS of a Gluon kernel ("fwd" or "bwd") compiled for sm_90 by tests/gluon_sass.py in a
+    fresh process (the interpreter the CPU suite runs under patches triton's language
+    functions); skips when this triton cannot compile it."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "gluon_sass.py")
+    run = subprocess.run([sys.executable, script, kind, str(head_dim), str(int(causal))],
+                         env=env, capture_output=True, text=True)
+    if run.returncode == 3:
+        pytest.skip(run.stdout.strip())
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
 @pytest.mark.parametrize("head_dim,causal", [(128, True), (64, False)], ids=["d128-causal", "d64-full"])
 def test_gluon_forward_compiles_for_hopper(head_dim, causal):
     """The Gluon forward compiles for sm_90 with the installed triton, without a GPU (triton
     ships ptxas), and ptxas keeps its schedule: at least one wgmma wait leaves a group in
     flight (``WARPGROUP.DEPBAR.LE gsb0, 0x1``). When ptxas serializes the products it puts
     ``0x0`` after every one. CI runs the newest triton, the GPU machine triton 3.6: this is how
-    the kernel is checked on both. It compiles in a fresh process: the interpreter (which
-    the CPU suite runs under) patches triton's language functions."""
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "gluon_sass.py")
-    run = subprocess.run([sys.executable, script, "fwd", str(head_dim), str(int(causal))],
-                         env=env, capture_output=True, text=True)
-    if run.returncode == 3:
-        pytest.skip(run.stdout.strip())
-    assert run.returncode == 0, run.stderr[-3000:]
-    sass = run.stdout
+    the kernel is checked on both."""
+    sass = _hopper_sass("fwd", head_dim, causal)
     assert sass.count("HGMMA") >= 4 * head_dim // 16  # the scores and P @ V of several steps
     assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass, "ptxas serialized every wgmma"
 
@@ -620,17 +626,7 @@ def test_gluon_backward_compiles_for_hopper(head_dim, causal):
     above), all five products of a step are wgmma, and ptxas keeps dP^T in flight while P^T is
     computed (``WARPGROUP.DEPBAR.LE gsb0, 0x1``) and dQ leaves by TMA reduce-add
     (``UTMAREDG``), not by per-element atomics."""
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "gluon_sass.py")
-    run = subprocess.run([sys.executable, script, "bwd", str(head_dim), str(int(causal))],
-                         env=env, capture_output=True, text=True)
-    if run.returncode == 3:
-        pytest.skip(run.stdout.strip())
-    assert run.returncode == 0, run.stderr[-3000:]
-    sass = run.stdout
+    sass = _hopper_sass("bwd", head_dim, causal)
     # Per step: S^T and dP^T (K = head_dim each), dV and dK (K = 64 query rows), dQ (K = 128 keys).
     assert sass.count("HGMMA") >= 2 * head_dim // 16 + 2 * 64 // 16 + 128 // 16
     assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass, "ptxas serialized every wgmma"

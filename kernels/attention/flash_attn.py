@@ -714,6 +714,12 @@ def _cu_args(pb, cu_q, cu_k, fallback):
     return (cu_q, cu_k) if pb.varlen else (fallback, fallback)
 
 
+def _dense_causal_or_full(pb):
+    """The mask scope of the Gluon kernels: dense inputs, no sliding window (a right mask is the
+    causal one)."""
+    return not (pb.varlen or pb.meta["MASK_LEFT"] or (pb.meta["MASK_RIGHT"] and pb.right != 0))
+
+
 def _gluon_forward(q, k, v, out, pb):
     """Whether the forward runs the Gluon kernel for Hopper (`hopper_fwd`): dense causal or
     full attention in its scope, at the head dims where it measured faster than this file's
@@ -722,11 +728,9 @@ def _gluon_forward(q, k, v, out, pb):
     flag = os.environ.get("FLASHLM_GLUON_FWD", "")
     if flag not in ("", "0", "1"):
         raise ValueError(f"FLASHLM_GLUON_FWD must be 0 (off), 1 (on) or unset, got {flag!r}")
-    if flag == "0" or pb.varlen or pb.meta["MASK_LEFT"]:
+    if flag == "0" or not _dense_causal_or_full(pb):
         return False
     if flag != "1" and q.shape[-1] not in hopper_fwd.DEFAULT_HEAD_DIMS:
-        return False
-    if pb.meta["MASK_RIGHT"] and pb.right != 0:  # a right window wider than causal
         return False
     return hopper_fwd.supports(q, k, v, out)
 
@@ -765,9 +769,7 @@ def _flash_fwd_impl(q, k, v, cu_q, cu_k, pb, out=None, lse=None):
 def _gluon_backward(q, k, v, out, dout, dk, dv, pb):
     """Whether the backward runs the fused Gluon kernel for Hopper (`hopper_bwd`): only when
     the caller allows a non-deterministic dQ, for dense causal or full attention in its scope."""
-    if pb.deterministic or pb.varlen or pb.meta["MASK_LEFT"]:
-        return False
-    if pb.meta["MASK_RIGHT"] and pb.right != 0:
+    if pb.deterministic or not _dense_causal_or_full(pb):
         return False
     if (q.shape[-1], bool(pb.meta["MASK_RIGHT"])) not in hopper_bwd.FASTER:
         return False
