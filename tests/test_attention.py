@@ -7,9 +7,11 @@ attention in the same low precision, plus a few units in the last place of the o
 """
 
 import math
+import re
 
 import pytest
 import torch
+import triton
 
 from conftest import DEVICE
 from flashlm import flash_attn_func, flash_attn_varlen_func
@@ -618,6 +620,24 @@ def test_gluon_forward_compiles_for_hopper(head_dim, causal):
     sass = _hopper_sass("fwd", head_dim, causal)
     assert sass.count("HGMMA") >= 4 * head_dim // 16  # the scores and P @ V of several steps
     assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass, "ptxas serialized every wgmma"
+    # The main loop: the shortest backward branch that spans wgmma instructions. Its
+    # warpgroups take turns and learn that a stage landed through named barriers (BAR.ARV,
+    # BAR.SYNC on a register id). With triton 3.6 (the GPU machine's) no barrier 0 over all
+    # 256 compute threads is left in it; newer tritons add one after each P @ V wait.
+    code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, text in code:
+        target = re.search(r"BRA\s+0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            body = [t for a, t in code if int(target.group(1), 16) <= a <= addr]
+            if any("HGMMA" in t for t in body):
+                loops.append(body)
+    assert loops, "no loop with wgmma found in the SASS"
+    main_loop = min(loops, key=len)
+    assert any("BAR.ARV" in t for t in main_loop)
+    assert any(re.search(r"BAR\.SYNC\S* R\d+, 0x100", t) for t in main_loop), "no turn-taking"
+    if triton.__version__.startswith("3.6."):
+        assert not any(re.search(r"BAR\.SYNC\S* 0x0, 0x100", t) for t in main_loop)
 
 
 @pytest.mark.parametrize("head_dim,causal", [(128, True), (64, False)], ids=["d128-causal", "d64-full"])

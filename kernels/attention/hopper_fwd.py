@@ -3,16 +3,19 @@
 Plain Triton schedules each ``wgmma`` wait itself: a block's P @ V is never in flight while
 the next block's softmax runs (NOTES.md, v6). This kernel states the schedule itself:
 
-- one loader warp streams K and V tiles with TMA into a ring of shared-memory stages, each
-  stage guarded by "ready" barriers (TMA bytes arrived) and an "empty" barrier (the compute
-  warps are done with it);
-- two compute warpgroups (8 warps, 64 query rows each) run FlashAttention-3's step order:
-  issue the scores of key block j, then P @ V of block j-1, wait for the scores only, and run
-  block j's online softmax while P @ V is on the tensor cores. P goes to the second product
-  from registers, never through shared memory.
+- one loader warp streams K and V tiles with TMA into a ring of shared-memory stages;
+- two compute warpgroups (8 warps, 64 query rows each) take turns on the tensor cores
+  (FlashAttention-3's ping-pong): warpgroup 0 issues the scores of key block j and P @ V of
+  block j-1, hands the turn to warpgroup 1 and runs its softmax while warpgroup 1's products
+  run, and so on. P goes to the second product from registers, never through shared memory.
 
-What ptxas makes of this is in NOTES.md (v7): it still waits for P @ V before most softmax
-steps, so the gain over the portable kernel is small (1-6% at head dim 128).
+The warpgroups and the loader synchronize through named hardware barriers (``bar.sync`` /
+``bar.arrive`` in inline assembly), not through Gluon's mbarrier waits and arrives: for those,
+Triton adds a barrier over all 256 compute threads, once per step, which kept the two
+warpgroups in lockstep (NOTES.md, v9). Only the loader waits on the TMA mbarriers; it then
+tells each warpgroup that the stage has landed. Named barriers used here: 2-9 (stage ready,
+one per warpgroup), 10-13 (stage free again), 14-15 (whose turn it is); Triton's warp
+specialization uses 0 and 1.
 
 Runs on triton 3.6 (measured on the H100) and compiles for sm_90 with the newest triton, where
 the TMA copies were renamed (``tests/test_attention.py`` compiles it on the CPU and reads the
@@ -37,6 +40,8 @@ try:  # Gluon ships with triton >= 3.5; on older tritons this path is simply nev
     # newer tritons call them async_load / async_store and make the old names raise.
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    # A barrier over the compute warps: thread_barrier in triton 3.6, barrier in newer tritons.
+    _sync_warps = getattr(gl, "barrier", None) or gl.thread_barrier
 except ImportError:  # pragma: no cover - depends on the installed triton
     gluon = None
 
@@ -51,31 +56,74 @@ def available():
 
 if gluon is not None:
 
+    def _asm(op, count, who, fence=False):
+        """PTX for ``op`` (bar.sync or bar.arrive) with ``count`` threads on named barrier $1:
+        that barrier ("fixed"), $1 + the calling thread's warpgroup ("own"), $1 + the other
+        warpgroup ("other"), or $1 from warpgroup 1 or 0 only ("wg1", "wg0")."""
+        wg = "mov.u32 t, %tid.x; shr.u32 t, t, 7; "
+        body = {"fixed": f"{op} $1, {count};",
+                "own": f"{wg}add.u32 t, t, $1; {op} t, {count};",
+                "other": f"{wg}xor.b32 t, t, 1; add.u32 t, t, $1; {op} t, {count};",
+                "wg1": f"{wg}setp.eq.u32 p, t, 1; @p {op} $1, {count};",
+                "wg0": f"{wg}setp.eq.u32 p, t, 0; @p {op} $1, {count};"}[who]
+        if fence:
+            # Wrapped in a loop that never repeats (barrier ids stay below 16): ptxas does not
+            # move instructions across it. Without it ptxas issued the next step's scores
+            # during this step's softmax, two score tiles were live, and 200 bytes spilled.
+            body = f"retry: {body} setp.eq.u32 p, $1, 99; @p bra.uni retry;"
+        return gl.constexpr("{ .reg .u32 t; .reg .pred p; " + body + " mov.b32 $0, 0; }")
+
+    _LOAD_READY = _asm("bar.arrive", 160, "fixed")
+    _LOAD_RELEASED = _asm("bar.sync", 288, "fixed")
+    _WAIT_READY = _asm("bar.sync", 160, "own", fence=True)
+    _RELEASE_STAGE = _asm("bar.arrive", 288, "fixed")
+    _WAIT_TURN = _asm("bar.sync", 256, "own")
+    _GIVE_TURN = _asm("bar.arrive", 256, "other")
+    _FIRST_TURN = _asm("bar.arrive", 256, "wg1")
+    _LAST_TURN = _asm("bar.sync", 256, "wg0")
+    _READY = gl.constexpr(2)     # 2 + 2 s + w: stage s has landed, for warpgroup w
+    _RELEASE = gl.constexpr(10)  # 10 + s: both warpgroups are done with stage s
+    _TURN = gl.constexpr(14)     # 14 + w: warpgroup w may issue its products
+
     @gluon.jit
-    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                        kv_empty, q_row, kv_row, q_col, kv_col, n_blocks,
+    def _bar(base, NTHREADS: gl.constexpr, ASM: gl.constexpr):
+        """Run ASM (a named-barrier operation on barrier ``base``) once in each of the
+        NTHREADS threads of the partition. Inline assembly, so Triton adds no CTA barrier."""
+        ids = gl.full([NTHREADS], 0, gl.int32,
+                      gl.BlockedLayout([1], [32], [NTHREADS // 32], [0])) + base
+        gl.inline_asm_elementwise(ASM, "=r,r", [ids], gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready,
+                        q_row, kv_row, q_col, kv_col, n_blocks,
                         BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         _tma_load(q_desc, [q_row, q_col], q_bar, q_smem)
+        nbytes: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
+        for k in range(gl.minimum(STAGES - 1, n_blocks)):
+            mbarrier.expect(kv_ready.index(k), nbytes)
+            _tma_load(k_desc, [kv_row + k * BLOCK_N, kv_col], kv_ready.index(k), k_smem.index(k))
+            _tma_load(v_desc, [kv_row + k * BLOCK_N, kv_col], kv_ready.index(k), v_smem.index(k))
         for j in range(n_blocks):
             s = j % STAGES
-            # A fresh barrier counts as having completed the phase before phase 0, so the
-            # first pass over the ring does not wait.
-            free_phase = ((j // STAGES) & 1) ^ 1
-            row = kv_row + j * BLOCK_N
-            mbarrier.wait(kv_empty.index(s), free_phase)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            _tma_load(k_desc, [row, kv_col], k_ready.index(s), k_smem.index(s))
-            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            _tma_load(v_desc, [row, kv_col], v_ready.index(s), v_smem.index(s))
-
-    @gluon.jit
-    def _scores(q_smem, k_smem, k_ready, j, s_zero, STAGES: gl.constexpr):
-        """Issue S = Q @ K_j^T once K_j has landed; returns the in-flight accumulator."""
-        s = j % STAGES
-        mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
-        return warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False,
-                             is_async=True)
+            mbarrier.wait(kv_ready.index(s), (j // STAGES) & 1)
+            _bar(_READY + 2 * s, 32, _LOAD_READY)
+            _bar(_READY + 2 * s + 1, 32, _LOAD_READY)
+            # Block k goes into the stage of block j - 1, which the compute warps release
+            # during step j (after P @ V of block j - 1).
+            k = j + STAGES - 1
+            if k < n_blocks:
+                sk = k % STAGES
+                if k >= STAGES:
+                    _bar(_RELEASE + sk, 32, _LOAD_RELEASED)
+                mbarrier.expect(kv_ready.index(sk), nbytes)
+                _tma_load(k_desc, [kv_row + k * BLOCK_N, kv_col], kv_ready.index(sk),
+                          k_smem.index(sk))
+                _tma_load(v_desc, [kv_row + k * BLOCK_N, kv_col], kv_ready.index(sk),
+                          v_smem.index(sk))
+        # Take the releases not waited for above, so that every named barrier ends balanced.
+        for k in range(gl.maximum(n_blocks - STAGES, 0), n_blocks):
+            _bar(_RELEASE + k % STAGES, 32, _LOAD_RELEASED)
 
     @gluon.jit
     def _softmax(s, m_i, l_i, qk_scale, diag, p_layout: gl.constexpr, dtype: gl.constexpr):
@@ -96,24 +144,30 @@ if gluon is not None:
         return gl.convert_layout(p.to(dtype), p_layout), alpha, m_new, l_i
 
     @gluon.jit
-    def _step(j, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, s_zero,
+    def _step(j, p, acc, m_i, l_i, q_smem, k_smem, v_smem, s_zero,
               qk_scale, diag, STAGES: gl.constexpr, p_layout: gl.constexpr,
               row_o: gl.constexpr):
-        """Scores of block j, P @ V of block j-1 (P given) and the softmax of block j."""
-        s_tok = _scores(q_smem, k_smem, k_ready, j, s_zero, STAGES)
+        """Scores of block j, P @ V of block j-1 (P given) and the softmax of block j. The two
+        products are issued in this warpgroup's turn; its softmax then runs while the other
+        warpgroup's products are on the tensor cores."""
+        s = j % STAGES
         sp = (j - 1) % STAGES
-        mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
+        _bar(_READY + 2 * s, 256, _WAIT_READY)
+        _bar(_TURN, 256, _WAIT_TURN)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)
         acc_tok = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
-        s = warpgroup_mma_wait(1, deps=[s_tok])  # groups retire in issue order: the scores
+        _bar(_TURN, 256, _GIVE_TURN)
+        s = warpgroup_mma_wait(1, deps=[s_tok])
         p_new, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, diag, p_layout, q_smem.dtype)
         acc, p = warpgroup_mma_wait(0, deps=[acc_tok, p])
-        mbarrier.arrive(kv_empty.index(sp))
+        _bar(_RELEASE + sp, 256, _RELEASE_STAGE)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         return p_new, acc, m_i, l_i
 
     @gluon.jit
-    def _compute_partition(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                           kv_empty, o_desc, lse_ptr, q_row, q_col, lse_off, n_blocks, qk_scale,
+    def _compute_partition(q_smem, k_smem, v_smem, q_bar, o_desc, lse_ptr, q_row, q_col,
+                           lse_off, n_blocks, qk_scale,
                            CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -130,47 +184,45 @@ if gluon is not None:
         l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
 
+        _bar(_TURN, 256, _FIRST_TURN)  # warpgroup 0 issues first
         mbarrier.wait(q_bar, 0)
-        s = warpgroup_mma_wait(0, deps=[_scores(q_smem, k_smem, k_ready, 0, s_zero, STAGES)])
+        _bar(_READY, 256, _WAIT_READY)
+        _bar(_TURN, 256, _WAIT_TURN)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)
+        _bar(_TURN, 256, _GIVE_TURN)
+        s = warpgroup_mma_wait(0, deps=[s_tok])
         p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, CAUSAL and n_blocks == 1, p_layout,
                                       dtype)
-        # Step j issues the scores of block j and then P @ V of block j-1, waits for the
-        # scores only, and runs block j's softmax while P @ V is on the tensor cores. Only one
-        # score tile is ever live: two (scores of j+1 issued under the softmax of j) would
-        # need more than the 240 registers a thread has, and ptxas then waits on each product
-        # right after issuing it. Steps go in pairs, so that the P being written and the P
-        # that P @ V reads are two register sets rather than one loop-carried value. That was
-        # meant to stop ptxas from waiting for P @ V before the softmax; it still does so in
-        # the loop steps and only keeps the overlap in the peeled last step (NOTES.md, v7).
         # The last block may straddle the causal diagonal. No branch may sit between issuing
         # a product and waiting for it (ptxas waits at every block boundary), so the masked
-        # last step is peeled rather than chosen at run time inside the loop.
+        # last step is peeled rather than chosen at run time inside the loop. Steps go in
+        # pairs (two register sets for P; NOTES.md, v7).
         for i in range((n_blocks - 2) // 2):
             j = 1 + 2 * i
-            p, acc, m_i, l_i = _step(j, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_ready,
-                                     v_ready, kv_empty, s_zero, qk_scale, False, STAGES,
-                                     p_layout, row_o)
-            p, acc, m_i, l_i = _step(j + 1, p, acc, m_i, l_i, q_smem, k_smem, v_smem, k_ready,
-                                     v_ready, kv_empty, s_zero, qk_scale, False, STAGES,
-                                     p_layout, row_o)
+            p, acc, m_i, l_i = _step(j, p, acc, m_i, l_i, q_smem, k_smem, v_smem, s_zero,
+                                     qk_scale, False, STAGES, p_layout, row_o)
+            p, acc, m_i, l_i = _step(j + 1, p, acc, m_i, l_i, q_smem, k_smem, v_smem, s_zero,
+                                     qk_scale, False, STAGES, p_layout, row_o)
         if n_blocks % 2 == 1 and n_blocks > 1:  # an odd number of unmasked steps
             p, acc, m_i, l_i = _step(n_blocks - 2, p, acc, m_i, l_i, q_smem, k_smem, v_smem,
-                                     k_ready, v_ready, kv_empty, s_zero, qk_scale, False,
-                                     STAGES, p_layout, row_o)
+                                     s_zero, qk_scale, False, STAGES, p_layout, row_o)
         if n_blocks > 1:
             p, acc, m_i, l_i = _step(n_blocks - 1, p, acc, m_i, l_i, q_smem, k_smem, v_smem,
-                                     k_ready, v_ready, kv_empty, s_zero, qk_scale, CAUSAL,
-                                     STAGES, p_layout, row_o)
+                                     s_zero, qk_scale, CAUSAL, STAGES, p_layout, row_o)
 
         last = n_blocks - 1
         st = last % STAGES
-        mbarrier.wait(v_ready.index(st), (last // STAGES) & 1)
+        _bar(_TURN, 256, _WAIT_TURN)
         acc_tok = warpgroup_mma(p, v_smem.index(st), acc, is_async=True)
+        _bar(_TURN, 256, _GIVE_TURN)
         acc, p = warpgroup_mma_wait(0, deps=[acc_tok, p])
-        mbarrier.arrive(kv_empty.index(st))
+        _bar(_RELEASE + st, 256, _RELEASE_STAGE)
+        _bar(_TURN, 256, _LAST_TURN)  # balance warpgroup 1's last turn signal
 
         acc = acc / gl.convert_layout(l_i, row_o)[:, None]
-        # Every product that read Q has retired: its buffer stages the output tile.
+        # Both warpgroups are past every product that read Q: its buffer stages the output.
+        _sync_warps()
         q_smem.store(acc.to(dtype))
         fence_async_shared()
         _tma_store(o_desc, [q_row, q_col], q_smem)
@@ -203,23 +255,18 @@ if gluon is not None:
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=1)
+            mbarrier.init(kv_ready.index(i), count=1)
         fence_async_shared()
 
         gl.warp_specialize([
-            (_compute_partition, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                                  kv_empty, o_desc, lse_ptr, q_row, q_col, lse_off, n_blocks,
-                                  qk_scale, CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, num_warps)),
-            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready,
-                               v_ready, kv_empty, q_row, kv_row, q_col, kv_col, n_blocks,
-                               BLOCK_N, STAGES)),
+            (_compute_partition, (q_smem, k_smem, v_smem, q_bar, o_desc, lse_ptr, q_row, q_col,
+                                  lse_off, n_blocks, qk_scale, CAUSAL, BLOCK_M, BLOCK_N,
+                                  HEAD_DIM, STAGES, num_warps)),
+            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready,
+                               q_row, kv_row, q_col, kv_col, n_blocks, BLOCK_N, STAGES)),
         ], [1], [24])
 
 
