@@ -486,11 +486,20 @@ def test_replay_gives_the_forward_and_its_gradients():
 ON_HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
 
 
+def _gluon_cases(test):
+    """The shapes, head dims, masks and dtypes both Gluon kernels are checked on."""
+    for mark in (
+            pytest.mark.parametrize("shape", [(2, 256, 4, 2), (1, 1024, 2, 1)],
+                                    ids=["b2-s256-gqa2", "b1-s1024-mqa"]),
+            pytest.mark.parametrize("head_dim", [64, 128]),
+            pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"]),
+            pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_name)):
+        test = mark(test)
+    return test
+
+
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon forward needs a Hopper GPU")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_name)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("shape", [(2, 256, 4, 2), (1, 1024, 2, 1)], ids=["b2-s256-gqa2", "b1-s1024-mqa"])
+@_gluon_cases
 def test_gluon_forward_gpu(shape, head_dim, causal, dtype, monkeypatch):
     """The Gluon forward (forced on, and checked to have run) gives the reference's out and lse,
     with NaN-poisoned buffers; the shared backward then gives the reference's gradients."""
@@ -534,10 +543,7 @@ def test_gluon_forward_dispatch(monkeypatch):
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon backward needs a Hopper GPU")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_name)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("shape", [(2, 256, 4, 2), (1, 1024, 2, 1)], ids=["b2-s256-gqa2", "b1-s1024-mqa"])
+@_gluon_cases
 def test_gluon_backward_gpu(shape, head_dim, causal, dtype, monkeypatch):
     """The fused Gluon backward (deterministic=False; checked to have run) gives the reference's
     gradients with NaN-poisoned buffers, and agrees with the deterministic backward to within
