@@ -34,7 +34,9 @@ def _backward(head_dim, causal):
     q = torch.empty(1, 1024, 16, head_dim, dtype=torch.bfloat16)
     descs = dict(q_desc=hopper_fwd._desc(q, hopper_bwd.BLOCK_M),
                  do_desc=hopper_fwd._desc(q, hopper_bwd.BLOCK_M),
-                 dq_desc=hopper_bwd._dq_desc(q.float()))
+                 dq_desc=hopper_bwd._dq_desc(q.float()),
+                 lse_desc=hopper_bwd._row_desc(torch.empty(16 * 1024)),
+                 delta_desc=hopper_bwd._row_desc(torch.empty(16 * 1024)))
     tile = hopper_fwd._desc(q, hopper_bwd.BLOCK_N)
     consts = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper_bwd.BLOCK_M,
                   BLOCK_N=hopper_bwd.BLOCK_N, STAGES=hopper_bwd.STAGES, num_warps=8)
@@ -51,7 +53,7 @@ def main(kind, head_dim, causal):
     except ImportError as exc:
         skip(f"triton's compile internals moved: {exc}")
     kernel, consts, desc = (_forward if kind == "fwd" else _backward)(head_dim, causal)
-    types = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "qk_scale": "fp32",
+    types = {"lse_ptr": "*fp32", "qk_scale": "fp32",
              "softmax_scale": "fp32"}
     signature = {n: "constexpr" if n in consts else mangle_type(desc(n)) if n.endswith("_desc")
                  else types.get(n, "i32") for n in kernel.arg_names}

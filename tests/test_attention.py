@@ -616,6 +616,21 @@ def _hopper_sass(kind, head_dim, causal):
     return run.stdout
 
 
+def _main_loop(sass):
+    """The instructions of a kernel's main loop: the shortest backward branch in the SASS that
+    spans wgmma instructions."""
+    code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, text in code:
+        target = re.search(r"BRA\s+0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            body = [t for a, t in code if int(target.group(1), 16) <= a <= addr]
+            if any("HGMMA" in t for t in body):
+                loops.append(body)
+    assert loops, "no loop with wgmma found in the SASS"
+    return min(loops, key=len)
+
+
 @pytest.mark.parametrize("head_dim,causal", [(128, True), (64, False)], ids=["d128-causal", "d64-full"])
 def test_gluon_forward_compiles_for_hopper(head_dim, causal):
     """The Gluon forward compiles for sm_90 with the installed triton, without a GPU (triton
@@ -626,20 +641,10 @@ def test_gluon_forward_compiles_for_hopper(head_dim, causal):
     sass = _hopper_sass("fwd", head_dim, causal)
     assert sass.count("HGMMA") >= 4 * head_dim // 16  # the scores and P @ V of several steps
     assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass, "ptxas serialized every wgmma"
-    # The main loop: the shortest backward branch that spans wgmma instructions. Its
-    # warpgroups take turns and learn that a stage landed through named barriers (BAR.ARV,
+    # Its warpgroups take turns and learn that a stage landed through named barriers (BAR.ARV,
     # BAR.SYNC on a register id). With triton 3.6 (the GPU machine's) no barrier 0 over all
     # 256 compute threads is left in it; newer tritons add one after each P @ V wait.
-    code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    loops = []
-    for addr, text in code:
-        target = re.search(r"BRA\s+0x([0-9a-f]+)", text)
-        if target and int(target.group(1), 16) < addr:
-            body = [t for a, t in code if int(target.group(1), 16) <= a <= addr]
-            if any("HGMMA" in t for t in body):
-                loops.append(body)
-    assert loops, "no loop with wgmma found in the SASS"
-    main_loop = min(loops, key=len)
+    main_loop = _main_loop(sass)
     assert any("BAR.ARV" in t for t in main_loop)
     assert any(re.search(r"BAR\.SYNC\S* R\d+, 0x100", t) for t in main_loop), "no turn-taking"
     if triton.__version__.startswith("3.6."):
@@ -657,3 +662,8 @@ def test_gluon_backward_compiles_for_hopper(head_dim, causal):
     assert sass.count("HGMMA") >= 2 * head_dim // 16 + 2 * 64 // 16 + 128 // 16
     assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass, "ptxas serialized every wgmma"
     assert "UTMAREDG" in sass and "RED.E.ADD" not in sass
+    # The rows' lse and delta arrive in shared memory with each Q tile: the main loop loads
+    # nothing from global memory itself, and it issues the step's dQ reduce-add.
+    main_loop = _main_loop(sass)
+    assert not any(t.split()[0].startswith("LDG") or "@" in t and " LDG" in t for t in main_loop)
+    assert any("UTMAREDG" in t for t in main_loop)

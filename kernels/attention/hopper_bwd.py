@@ -10,8 +10,8 @@ of those additions varies from run to run, so dQ differs in its last bits betwee
 One program owns a block of 128 keys (64 per compute warpgroup) and walks the query blocks
 (64 rows each, every query head of the key head's group):
 
-- one loader warp streams Q and dO tiles with TMA into a ring of shared-memory stages,
-  guarded by "ready" barriers (bytes arrived) and an "empty" barrier (the compute warps are
+- one loader warp streams Q and dO tiles, and the rows' lse and delta, with TMA into a ring of
+  shared-memory stages, guarded by "ready" barriers (bytes arrived) and an "empty" barrier (the compute warps are
   done with the stage);
 - the compute warpgroups form S^T = K Q^T and dP^T = V dO^T, turn them into P^T and
   dS^T = P^T * (dP^T - delta) in registers, and accumulate dV += P^T dO and dK += dS^T Q with
@@ -75,7 +75,8 @@ def available():
 if gluon is not None:
 
     @gluon.jit
-    def _bwd_load_partition(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem,
+    def _bwd_load_partition(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem,
+                            do_smem, k_smem, v_smem, lse_smem, delta_smem, lse_row0, seqlen,
                             kv_bar, q_ready, do_ready, qdo_empty, q_row0, kv_row, kv_col, head0,
                             group, m_lo, n_q, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                             STAGES: gl.constexpr):
@@ -89,14 +90,18 @@ if gluon is not None:
             mbarrier.wait(qdo_empty.index(s), ((t // STAGES) & 1) ^ 1)
             row = q_row0 + (m_lo + t % steps) * BLOCK_M
             col = (head0 + t // steps) * HEAD_DIM
-            mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+            mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes
+                            + lse_desc.block_type.nbytes + delta_desc.block_type.nbytes)
             _tma_load(q_desc, [row, col], q_ready.index(s), q_smem.index(s))
+            blk = ((lse_row0 + (t // steps) * seqlen) // BLOCK_M + m_lo + t % steps).to(gl.int32)
+            _tma_load(lse_desc, [blk, 0], q_ready.index(s), lse_smem.index(s))
+            _tma_load(delta_desc, [blk, 0], q_ready.index(s), delta_smem.index(s))
             mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
             _tma_load(do_desc, [row, col], do_ready.index(s), do_smem.index(s))
 
     @gluon.jit
     def _bwd_step(t, i, h, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, q_ready, do_ready,
-                  qdo_empty, dq_smem, dq_desc, lse_ptr, delta_ptr, lse_row, q_row0, keys,
+                  qdo_empty, dq_smem, dq_desc, lse_smem, delta_smem, q_row0, keys,
                   qk_scale, softmax_scale, st_zero, dq_zero, MASK: gl.constexpr,
                   HEAD_DIM: gl.constexpr,
                   BLOCK_M: gl.constexpr, STAGES: gl.constexpr, a_layout: gl.constexpr):
@@ -106,10 +111,12 @@ if gluon is not None:
         phase = (t // STAGES) & 1
         st_layout: gl.constexpr = st_zero.type.layout
         qcols = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
-        lse = gl.load(lse_ptr + lse_row + qcols) * 1.4426950408889634
-        delta = gl.load(delta_ptr + lse_row + qcols)
-
         mbarrier.wait(q_ready.index(s), phase)
+        # The rows' lse and delta came with the Q tile (TMA into the stage); reading them here
+        # keeps 32 registers per thread free that loads ahead of the wait would hold.
+        col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
+        lse = lse_smem.index(s).reshape([BLOCK_M]).load(col_layout) * 1.4426950408889634
+        delta = delta_smem.index(s).reshape([BLOCK_M]).load(col_layout)
         st_tok = warpgroup_mma(k_smem, q_smem.index(s).permute((1, 0)), st_zero, use_acc=False,
                                is_async=True)
         mbarrier.wait(do_ready.index(s), phase)
@@ -151,8 +158,8 @@ if gluon is not None:
 
     @gluon.jit
     def _bwd_compute_partition(q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar,
-                               q_ready, do_ready, qdo_empty, dk_desc, dv_desc, dq_desc, lse_ptr,
-                               delta_ptr, q_row0, kv_row, kv_col, lse_row0, head0, nheads, seqlen,
+                               q_ready, do_ready, qdo_empty, dk_desc, dv_desc, dq_desc, lse_smem,
+                               delta_smem, q_row0, kv_row, kv_col, lse_row0, head0, nheads, seqlen,
                                group, m_lo, n_q, key0, qk_scale, softmax_scale,
                                CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -181,14 +188,13 @@ if gluon is not None:
         mbarrier.wait(kv_bar, 0)
         for g in range(group):
             t0 = g * steps
-            lse_row = lse_row0 + g * seqlen
             h = head0 + g
             first = m_lo
             if CAUSAL:
                 for d in gl.static_range(MASKED):
                     dk, dv = _bwd_step(t0 + d, m_lo + d, h, dk, dv, q_smem, do_smem, k_smem,
                                        v_smem, ds_smem, q_ready, do_ready, qdo_empty, dq_smem,
-                                       dq_desc, lse_ptr, delta_ptr, lse_row, q_row0, keys,
+                                       dq_desc, lse_smem, delta_smem, q_row0, keys,
                                        qk_scale, softmax_scale, st_zero, dq_zero, True,
                                        HEAD_DIM, BLOCK_M,
                                        STAGES, a_layout)
@@ -196,7 +202,7 @@ if gluon is not None:
             for i in range(first, n_q):
                 dk, dv = _bwd_step(t0 + i - m_lo, i, h, dk, dv, q_smem, do_smem, k_smem, v_smem,
                                    ds_smem, q_ready, do_ready, qdo_empty, dq_smem, dq_desc,
-                                   lse_ptr, delta_ptr, lse_row, q_row0, keys, qk_scale,
+                                   lse_smem, delta_smem, q_row0, keys, qk_scale,
                                    softmax_scale, st_zero, dq_zero, False, HEAD_DIM, BLOCK_M,
                                    STAGES, a_layout)
 
@@ -211,8 +217,8 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
-    def _hopper_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse_ptr,
-                           delta_ptr, seqlen, nheads, group, qk_scale, softmax_scale,
+    def _hopper_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse_desc,
+                           delta_desc, seqlen, nheads, group, qk_scale, softmax_scale,
                            CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                            BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                            num_warps: gl.constexpr):
@@ -240,6 +246,8 @@ if gluon is not None:
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
         ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
         dq_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM], dq_desc.layout)
+        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], lse_desc.layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], lse_desc.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -254,12 +262,14 @@ if gluon is not None:
         gl.warp_specialize([
             (_bwd_compute_partition, (q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar,
                                       q_ready, do_ready, qdo_empty, dk_desc, dv_desc, dq_desc,
-                                      lse_ptr, delta_ptr, q_row0, kv_row, kv_col, lse_row0, head0, nheads,
+                                      lse_smem, delta_smem, q_row0, kv_row, kv_col, lse_row0,
+                                      head0, nheads,
                                       seqlen, group, m_lo, n_q, start_n * BLOCK_N, qk_scale,
                                       softmax_scale, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
                                       num_warps)),
-            (_bwd_load_partition, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem,
-                                   v_smem, kv_bar, q_ready, do_ready, qdo_empty, q_row0, kv_row,
+            (_bwd_load_partition, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem,
+                                   do_smem, k_smem, v_smem, lse_smem, delta_smem, lse_row0, seqlen,
+                                   kv_bar, q_ready, do_ready, qdo_empty, q_row0, kv_row,
                                    kv_col, head0, group, m_lo, n_q, HEAD_DIM, BLOCK_M, STAGES)),
         ], [1], [24])
 
@@ -279,6 +289,13 @@ def _dq_desc(dq_acc):
                             [BLOCK_M, head_dim], layout)
 
 
+def _row_desc(t):
+    """A (batch, heads, seqlen) fp32 row statistic as rows of BLOCK_M, one row per TMA load."""
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    n = t.numel() // BLOCK_M
+    return TensorDescriptor(t, [n, BLOCK_M], [BLOCK_M, 1], [1, BLOCK_M], layout)
+
+
 def hopper_bwd(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal):
     """Fill dq, dk, dv (laid out like q, k, v) from ``delta`` = rowsum(dO * O) - dLSE and the
     forward's natural-log ``lse``, both (batch, heads, seqlen) fp32."""
@@ -289,7 +306,8 @@ def hopper_bwd(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal):
     _hopper_bwd_kernel[grid](
         hopper_fwd._desc(q, BLOCK_M), hopper_fwd._desc(k, BLOCK_N), hopper_fwd._desc(v, BLOCK_N),
         hopper_fwd._desc(dout, BLOCK_M), hopper_fwd._desc(dk, BLOCK_N),
-        hopper_fwd._desc(dv, BLOCK_N), _dq_desc(dq_acc), lse, delta,
+        hopper_fwd._desc(dv, BLOCK_N), _dq_desc(dq_acc), _row_desc(lse.contiguous()),
+        _row_desc(delta.contiguous()),
         seqlen, nheads, nheads // nheads_k, softmax_scale * _LOG2E, softmax_scale,
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES,
         num_warps=8)
