@@ -11,8 +11,8 @@ One program owns a block of 128 keys (64 per compute warpgroup) and walks the qu
 (64 rows each, every query head of the key head's group):
 
 - one loader warp streams Q and dO tiles, and the rows' lse and delta, with TMA into a ring of
-  shared-memory stages, guarded by "ready" barriers (bytes arrived) and an "empty" barrier (the compute warps are
-  done with the stage);
+  shared-memory stages, guarded by "ready" barriers (bytes arrived) and an "empty" barrier
+  (the compute warps are done with the stage);
 - the compute warpgroups form S^T = K Q^T and dP^T = V dO^T, turn them into P^T and
   dS^T = P^T * (dP^T - delta) in registers, and accumulate dV += P^T dO and dK += dS^T Q with
   P^T and dS^T as register operands; dS^T also goes to shared memory, where both warpgroups
@@ -159,8 +159,8 @@ if gluon is not None:
     @gluon.jit
     def _bwd_compute_partition(q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar,
                                q_ready, do_ready, qdo_empty, dk_desc, dv_desc, dq_desc, lse_smem,
-                               delta_smem, q_row0, kv_row, kv_col, lse_row0, head0, nheads, seqlen,
-                               group, m_lo, n_q, key0, qk_scale, softmax_scale,
+                               delta_smem, q_row0, kv_row, kv_col, head0, group, m_lo, n_q,
+                               key0, qk_scale, softmax_scale,
                                CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                STAGES: gl.constexpr, num_warps: gl.constexpr):
@@ -247,7 +247,8 @@ if gluon is not None:
         ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
         dq_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM], dq_desc.layout)
         lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], lse_desc.layout)
-        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], lse_desc.layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M],
+                                               delta_desc.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -262,9 +263,8 @@ if gluon is not None:
         gl.warp_specialize([
             (_bwd_compute_partition, (q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar,
                                       q_ready, do_ready, qdo_empty, dk_desc, dv_desc, dq_desc,
-                                      lse_smem, delta_smem, q_row0, kv_row, kv_col, lse_row0,
-                                      head0, nheads,
-                                      seqlen, group, m_lo, n_q, start_n * BLOCK_N, qk_scale,
+                                      lse_smem, delta_smem, q_row0, kv_row, kv_col, head0, group,
+                                      m_lo, n_q, start_n * BLOCK_N, qk_scale,
                                       softmax_scale, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
                                       num_warps)),
             (_bwd_load_partition, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem,
