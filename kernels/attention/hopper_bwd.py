@@ -38,11 +38,9 @@ if hopper_fwd.available():
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from .hopper_fwd import _tma_load, _tma_store
+    from .hopper_fwd import _sync_warps, _tma_load, _tma_store
     from triton.experimental.gluon.language._core import builtin
     from triton._C.libtriton import ir as _ir
-    # A barrier over the compute warps: thread_barrier in triton 3.6, barrier in newer tritons.
-    _sync_warps = getattr(gl, "barrier", None) or gl.thread_barrier
 
     @builtin
     def _tma_add_36(tensor_desc, coord, src, _semantic=None):
