@@ -536,7 +536,7 @@ def test_gluon_forward_dispatch(monkeypatch):
     assert not taken(q, k)
     monkeypatch.setenv("FLASHLM_GLUON_FWD", "")
     q64, k64, _, _ = _inputs(0, 1, 256, 256, 2, 2, 64, torch.float16)
-    assert not taken(q64, k64)  # head dim 64 only when asked for
+    assert taken(q64, k64) == expected  # head dims 64 and 128 both
     monkeypatch.setenv("FLASHLM_GLUON_FWD", "off")
     with pytest.raises(ValueError, match="FLASHLM_GLUON_FWD must be 0"):
         flash_attn_func(q, k, k)
@@ -616,17 +616,22 @@ def _hopper_sass(kind, head_dim, causal):
     return run.stdout
 
 
-def _main_loop(sass):
-    """The instructions of a kernel's main loop: the shortest backward branch in the SASS that
-    spans wgmma instructions."""
+def _loops(sass):
+    """The bodies of the SASS's loops: the instructions from each backward branch's target to
+    the branch."""
     code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = []
     for addr, text in code:
         target = re.search(r"BRA\s+0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < addr:
-            body = [t for a, t in code if int(target.group(1), 16) <= a <= addr]
-            if any("HGMMA" in t for t in body):
-                loops.append(body)
+            loops.append([t for a, t in code if int(target.group(1), 16) <= a <= addr])
+    return loops
+
+
+def _main_loop(sass):
+    """The instructions of a kernel's main loop: the shortest loop that spans wgmma
+    instructions."""
+    loops = [body for body in _loops(sass) if any("HGMMA" in t for t in body)]
     assert loops, "no loop with wgmma found in the SASS"
     return min(loops, key=len)
 
@@ -649,6 +654,13 @@ def test_gluon_forward_compiles_for_hopper(head_dim, causal):
     assert any(re.search(r"BAR\.SYNC\S* R\d+, 0x100", t) for t in main_loop), "no turn-taking"
     if triton.__version__.startswith("3.6."):
         assert not any(re.search(r"BAR\.SYNC\S* 0x0, 0x100", t) for t in main_loop)
+    # The stage-landed signals (BAR.ARV on 160 threads: a warpgroup and the signalling warp)
+    # come from a loop that never waits for a stage's release (BAR.SYNC on 288 threads: both
+    # warpgroups and the loader), so no signal queues behind the other warpgroup's P @ V.
+    signals = [body for body in _loops(sass) if any(re.search(r"BAR\.ARV R\d+, 0xa0", t)
+                                                    for t in body)]
+    assert signals, "no stage-landed signal in a loop"
+    assert not any(re.search(r"BAR\.SYNC\S* R\d+, 0x120", t) for t in min(signals, key=len))
 
 
 @pytest.mark.parametrize("head_dim,causal", [(128, True), (64, False)], ids=["d128-causal", "d64-full"])

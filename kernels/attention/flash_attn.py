@@ -16,7 +16,7 @@ Algorithm
     Loads: on Hopper and newer GPUs (fp16/bf16, head dims up to 128, sequences of 1K tokens or
     more) the tiles each inner loop streams come through TMA tensor descriptors built on the
     host; elsewhere through pointers. Both paths compute the same values.
-    Hopper forward: dense causal or full attention at head dim 128 (sequence lengths a multiple
+    Hopper forward: dense causal or full attention at head dims 64 and 128 (lengths a multiple
     of 128) runs the Gluon kernel in ``hopper_fwd.py`` instead; it writes the same out and lse,
     and the backward below is shared.
     Hopper backward, opt-in (``deterministic=False``): the fused Gluon kernel in

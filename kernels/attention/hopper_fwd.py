@@ -3,7 +3,8 @@
 Plain Triton schedules each ``wgmma`` wait itself: a block's P @ V is never in flight while
 the next block's softmax runs (NOTES.md, v6). This kernel states the schedule itself:
 
-- one loader warp streams K and V tiles with TMA into a ring of shared-memory stages;
+- one loader warp streams K and V tiles with TMA into a ring of shared-memory stages, and a
+  second warp tells the compute warps when each tile has landed;
 - two compute warpgroups (8 warps, 64 query rows each) take turns on the tensor cores
   (FlashAttention-3's ping-pong): warpgroup 0 issues the scores of key block j and P @ V of
   block j-1, hands the turn to warpgroup 1 and runs its softmax while warpgroup 1's products
@@ -12,10 +13,12 @@ the next block's softmax runs (NOTES.md, v6). This kernel states the schedule it
 The warpgroups and the loader synchronize through named hardware barriers (``bar.sync`` /
 ``bar.arrive`` in inline assembly), not through Gluon's mbarrier waits and arrives: for those,
 Triton adds a barrier over all 256 compute threads, once per step, which kept the two
-warpgroups in lockstep (NOTES.md, v9). Only the loader waits on the TMA mbarriers; it then
-tells each warpgroup that the stage has landed. Named barriers used here: 2-9 (stage ready,
-one per warpgroup), 10-13 (stage free again), 14-15 (whose turn it is); Triton's warp
-specialization uses 0 and 1.
+warpgroups in lockstep (NOTES.md, v9). Only the signalling warp waits on the TMA mbarriers;
+it then tells each warpgroup that the stage has landed. It is a warp of its own because the
+loader blocks on each stage's release: when one warp did both, block j+1's signal waited for
+the release of block j-1 by the other warpgroup, and the tensor cores idled each step
+(NOTES.md, v11). Named barriers used here: 2-9 (stage ready, one per warpgroup), 10-13 (stage
+free again), 14-15 (whose turn it is); Triton's warp specialization uses 0 and 1.
 
 Runs on triton 3.6 (measured on the H100) and compiles for sm_90 with the newest triton, where
 the TMA copies were renamed (``tests/test_attention.py`` compiles it on the CPU and reads the
@@ -97,33 +100,31 @@ if gluon is not None:
     def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready,
                         q_row, kv_row, q_col, kv_col, n_blocks,
                         BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """Issue the TMA loads: Q, the first STAGES key blocks, then block k into the stage of
+        block k - STAGES as soon as both warpgroups have released it."""
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         _tma_load(q_desc, [q_row, q_col], q_bar, q_smem)
         nbytes: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
-        for k in range(gl.minimum(STAGES - 1, n_blocks)):
-            mbarrier.expect(kv_ready.index(k), nbytes)
-            _tma_load(k_desc, [kv_row + k * BLOCK_N, kv_col], kv_ready.index(k), k_smem.index(k))
-            _tma_load(v_desc, [kv_row + k * BLOCK_N, kv_col], kv_ready.index(k), v_smem.index(k))
+        for k in range(n_blocks):
+            sk = k % STAGES
+            if k >= STAGES:
+                _bar(_RELEASE + sk, 32, _LOAD_RELEASED)
+            mbarrier.expect(kv_ready.index(sk), nbytes)
+            _tma_load(k_desc, [kv_row + k * BLOCK_N, kv_col], kv_ready.index(sk), k_smem.index(sk))
+            _tma_load(v_desc, [kv_row + k * BLOCK_N, kv_col], kv_ready.index(sk), v_smem.index(sk))
+        # Take the releases not waited for above, so that every named barrier ends balanced.
+        for k in range(gl.maximum(n_blocks - STAGES, 0), n_blocks):
+            _bar(_RELEASE + k % STAGES, 32, _LOAD_RELEASED)
+
+    @gluon.jit
+    def _signal_partition(kv_ready, n_blocks, STAGES: gl.constexpr):
+        """Tell both warpgroups, on their named barriers, when each key block has landed. A warp
+        of its own, so that no wait for a stage's release delays the next block's signal."""
         for j in range(n_blocks):
             s = j % STAGES
             mbarrier.wait(kv_ready.index(s), (j // STAGES) & 1)
             _bar(_READY + 2 * s, 32, _LOAD_READY)
             _bar(_READY + 2 * s + 1, 32, _LOAD_READY)
-            # Block k goes into the stage of block j - 1, which the compute warps release
-            # during step j (after P @ V of block j - 1).
-            k = j + STAGES - 1
-            if k < n_blocks:
-                sk = k % STAGES
-                if k >= STAGES:
-                    _bar(_RELEASE + sk, 32, _LOAD_RELEASED)
-                mbarrier.expect(kv_ready.index(sk), nbytes)
-                _tma_load(k_desc, [kv_row + k * BLOCK_N, kv_col], kv_ready.index(sk),
-                          k_smem.index(sk))
-                _tma_load(v_desc, [kv_row + k * BLOCK_N, kv_col], kv_ready.index(sk),
-                          v_smem.index(sk))
-        # Take the releases not waited for above, so that every named barrier ends balanced.
-        for k in range(gl.maximum(n_blocks - STAGES, 0), n_blocks):
-            _bar(_RELEASE + k % STAGES, 32, _LOAD_RELEASED)
 
     @gluon.jit
     def _softmax(s, m_i, l_i, qk_scale, diag, p_layout: gl.constexpr, dtype: gl.constexpr):
@@ -267,13 +268,14 @@ if gluon is not None:
                                   HEAD_DIM, STAGES, num_warps)),
             (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready,
                                q_row, kv_row, q_col, kv_col, n_blocks, BLOCK_N, STAGES)),
-        ], [1], [24])
+            (_signal_partition, (kv_ready, n_blocks, STAGES)),
+        ], [1, 1], [24, 24])
 
 
 STAGES = {64: 4, 128: 3}  # K and V ring depth: what fits in 227 KB beside the Q tile
-# Where this kernel beat the portable Triton forward on the H100 (NOTES.md, v7): at head dim
-# 64 it is 6-13% slower, so it runs there only when asked for (FLASHLM_GLUON_FWD=1).
-DEFAULT_HEAD_DIMS = (128,)
+# Where this kernel beat the portable Triton forward on the H100: at head dim 128 since v7; at
+# head dim 64 since the signalling warp (NOTES.md, v11: 1-8% faster, it was 6-13% slower).
+DEFAULT_HEAD_DIMS = (64, 128)
 
 
 def supports(q, k, v, out):
