@@ -23,8 +23,8 @@ One program owns a block of 128 keys (64 per compute warpgroup) and walks the qu
 
 Scope as the Gluon forward (``hopper_fwd.supports``): dense fp16/bf16, head dims 64 and 128,
 equal query and key lengths that are a multiple of 128, causal or full; the dispatch takes it
-where it measured faster (``FASTER``). On the H100 its backward ran at 511-526 TFLOP/s at head
-dim 128, causal, 16K-128K, against 408-428 for the deterministic kernels and 526-547 for
+where it measured faster (``FASTER``). On the H100 its backward ran at 531-544 TFLOP/s at head
+dim 128, causal, 16K-128K, against 409-427 for the deterministic kernels and 537-557 for
 cuDNN; what ptxas made of the schedule is in NOTES.md (v8, v10).
 """
 
