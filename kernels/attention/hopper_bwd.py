@@ -61,9 +61,9 @@ _LOG2E = 1.4426950408889634
 
 
 # (head dim, causal) where this kernel measured faster than the deterministic pair of kernels
-# on the H100 (results/attention/attention.md): at head dim 64 without a mask its backward was
-# 0.87-1.07x theirs over 1K-64K, so the deterministic kernels keep that case.
-FASTER = {(128, True), (128, False), (64, True)}
+# on the H100 (results/attention/attention.md). Head dim 64 without a mask joined once K and V
+# became register operands there (NOTES.md, v11).
+FASTER = {(128, True), (128, False), (64, True), (64, False)}
 
 
 def available():
@@ -98,8 +98,8 @@ if gluon is not None:
             _tma_load(do_desc, [row, col], do_ready.index(s), do_smem.index(s))
 
     @gluon.jit
-    def _bwd_step(t, i, h, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, q_ready, do_ready,
-                  qdo_empty, dq_smem, dq_desc, lse_smem, delta_smem, q_row0, keys,
+    def _bwd_step(t, i, h, dk, dv, k_op, v_op, q_smem, do_smem, k_smem, ds_smem, q_ready,
+                  do_ready, qdo_empty, dq_smem, dq_desc, lse_smem, delta_smem, q_row0, keys,
                   qk_scale, softmax_scale, st_zero, dq_zero, MASK: gl.constexpr,
                   HEAD_DIM: gl.constexpr,
                   BLOCK_M: gl.constexpr, STAGES: gl.constexpr, a_layout: gl.constexpr):
@@ -115,10 +115,10 @@ if gluon is not None:
         col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
         lse = lse_smem.index(s).reshape([BLOCK_M]).load(col_layout) * 1.4426950408889634
         delta = delta_smem.index(s).reshape([BLOCK_M]).load(col_layout)
-        st_tok = warpgroup_mma(k_smem, q_smem.index(s).permute((1, 0)), st_zero, use_acc=False,
+        st_tok = warpgroup_mma(k_op, q_smem.index(s).permute((1, 0)), st_zero, use_acc=False,
                                is_async=True)
         mbarrier.wait(do_ready.index(s), phase)
-        dpt_tok = warpgroup_mma(v_smem, do_smem.index(s).permute((1, 0)), st_zero,
+        dpt_tok = warpgroup_mma(v_op, do_smem.index(s).permute((1, 0)), st_zero,
                                 use_acc=False, is_async=True)
         st = warpgroup_mma_wait(1, deps=[st_tok])
         if MASK:
@@ -184,23 +184,34 @@ if gluon is not None:
         steps = n_q - m_lo
 
         mbarrier.wait(kv_bar, 0)
+        if HEAD_DIM == 64:
+            # Each warpgroup's 64 keys and values as register operands of S^T and dP^T (16
+            # registers each at this head dim): those two products then read only Q and dO
+            # from shared memory, whose bandwidth bounds this kernel (NOTES.md, v11). At head
+            # dim 128 the 64 registers are not there.
+            kv_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=st_layout,
+                                                     k_width=2)
+            k_op = k_smem.load(kv_a)
+            v_op = v_smem.load(kv_a)
+        else:
+            k_op = k_smem
+            v_op = v_smem
         for g in range(group):
             t0 = g * steps
             h = head0 + g
             first = m_lo
             if CAUSAL:
                 for d in gl.static_range(MASKED):
-                    dk, dv = _bwd_step(t0 + d, m_lo + d, h, dk, dv, q_smem, do_smem, k_smem,
-                                       v_smem, ds_smem, q_ready, do_ready, qdo_empty, dq_smem,
-                                       dq_desc, lse_smem, delta_smem, q_row0, keys,
+                    dk, dv = _bwd_step(t0 + d, m_lo + d, h, dk, dv, k_op, v_op, q_smem,
+                                       do_smem, k_smem, ds_smem, q_ready, do_ready, qdo_empty,
+                                       dq_smem, dq_desc, lse_smem, delta_smem, q_row0, keys,
                                        qk_scale, softmax_scale, st_zero, dq_zero, True,
-                                       HEAD_DIM, BLOCK_M,
-                                       STAGES, a_layout)
+                                       HEAD_DIM, BLOCK_M, STAGES, a_layout)
                 first = m_lo + MASKED
             for i in range(first, n_q):
-                dk, dv = _bwd_step(t0 + i - m_lo, i, h, dk, dv, q_smem, do_smem, k_smem, v_smem,
-                                   ds_smem, q_ready, do_ready, qdo_empty, dq_smem, dq_desc,
-                                   lse_smem, delta_smem, q_row0, keys, qk_scale,
+                dk, dv = _bwd_step(t0 + i - m_lo, i, h, dk, dv, k_op, v_op, q_smem, do_smem,
+                                   k_smem, ds_smem, q_ready, do_ready, qdo_empty, dq_smem,
+                                   dq_desc, lse_smem, delta_smem, q_row0, keys, qk_scale,
                                    softmax_scale, st_zero, dq_zero, False, HEAD_DIM, BLOCK_M,
                                    STAGES, a_layout)
 
