@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -223,9 +224,16 @@ def bench_window(seqlen, window, head_dim, nheads, device="cuda"):
             "ms_per_1k_tokens": ms_all / (seqlen / 1024)}
 
 
+def _commit(env):
+    """The run's commit for a table header: a hash shortened to 10 characters; a note that a
+    merged table's rows come from several commits as written."""
+    commit = str(env["git_commit"])
+    return commit[:10] if re.fullmatch(r"[0-9a-f]+", commit) else commit
+
+
 def varlen_markdown(varlen, window, env):
     lines = [f"Packed documents and sliding windows, {env['gpu']}, bf16, {env['date']}, "
-             f"commit {str(env['git_commit'])[:10]}. Head dim 128, 16 heads, causal.", "",
+             f"commit {_commit(env)}. Head dim 128, 16 heads, causal.", "",
              "| tokens | documents | kernel | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s (in-document) |",
              "|---|---|---|---|---|---|"]
     for v in varlen:
@@ -264,7 +272,7 @@ def environment():
 
 def markdown(results, env):
     lines = [f"Attention TFLOP/s, {env['gpu']}, bf16, {env['date']} (torch {env['torch']}, "
-             f"triton {env['triton']}, commit {str(env['git_commit'])[:10]}).",
+             f"triton {env['triton']}, commit {_commit(env)}).",
              "", "FLOPs: forward 4*B*H*S*S*D (halved when causal), backward 2.5x forward, "
              "forward+backward 3.5x. Hidden 2048 (H = 2048/D), B*S = 16K up to S = 16K, then B = 1. "
              "Cells: forward / backward / forward+backward; ratio columns are flashlm's "
