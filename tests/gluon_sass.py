@@ -25,7 +25,7 @@ def skip(reason):
 def _forward(head_dim, causal):
     q = torch.empty(1, 1024, 16, head_dim, dtype=torch.bfloat16)
     desc = hopper_fwd._desc(q, hopper_fwd.BLOCK_M)
-    consts = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper_fwd.BLOCK_M,
+    consts = dict(CAUSAL=causal, PAIRED=causal, HEAD_DIM=head_dim, BLOCK_M=hopper_fwd.BLOCK_M,
                   BLOCK_N=hopper_fwd.BLOCK_N, STAGES=hopper_fwd.STAGES[head_dim], num_warps=8)
     return hopper_fwd._hopper_fwd_kernel, consts, lambda name: desc
 

@@ -8,7 +8,10 @@ the next block's softmax runs (NOTES.md, v6). This kernel states the schedule it
 - two compute warpgroups (8 warps, 64 query rows each) take turns on the tensor cores
   (FlashAttention-3's ping-pong): warpgroup 0 issues the scores of key block j and P @ V of
   block j-1, hands the turn to warpgroup 1 and runs its softmax while warpgroup 1's products
-  run, and so on. P goes to the second product from registers, never through shared memory.
+  run, and so on. P goes to the second product from registers, never through shared memory;
+- with a causal mask up to 8K tokens, each program takes two mirrored query tiles (a heavy
+  one and a light one, the same total work for every program); the second tile's first key
+  blocks stream in while the first tile finishes, instead of a new program starting cold.
 
 The warpgroups and the loader synchronize through named hardware barriers (``bar.sync`` /
 ``bar.arrive`` in inline assembly), not through Gluon's mbarrier waits and arrives: for those,
@@ -97,24 +100,44 @@ if gluon is not None:
         gl.inline_asm_elementwise(ASM, "=r,r", [ids], gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
-    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready,
-                        q_row, kv_row, q_col, kv_col, n_blocks,
-                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """Issue the TMA loads: Q, the first STAGES key blocks, then block k into the stage of
-        block k - STAGES as soon as both warpgroups have released it."""
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        _tma_load(q_desc, [q_row, q_col], q_bar, q_smem)
+    def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_row, kv_col, g0, k_lo, k_hi,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """Key blocks k_lo..k_hi-1 of a tile whose first block is ring step g0: each into its
+        stage once both warpgroups have released the block STAGES ring steps before it."""
         nbytes: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
-        for k in range(n_blocks):
-            sk = k % STAGES
-            if k >= STAGES:
+        for k in range(k_lo, k_hi):
+            g = g0 + k
+            sk = g % STAGES
+            if g >= STAGES:
                 _bar(_RELEASE + sk, 32, _LOAD_RELEASED)
             mbarrier.expect(kv_ready.index(sk), nbytes)
             _tma_load(k_desc, [kv_row + k * BLOCK_N, kv_col], kv_ready.index(sk), k_smem.index(sk))
             _tma_load(v_desc, [kv_row + k * BLOCK_N, kv_col], kv_ready.index(sk), v_smem.index(sk))
+
+    @gluon.jit
+    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_free, kv_ready,
+                        q_row_a, q_row_b, kv_row, q_col, kv_col, n_a, n_b,
+                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """Issue the TMA loads: tile a's Q and key blocks, then tile b's (n_b == 0: none). Tile
+        b's first key blocks stream in while tile a finishes; its Q waits until tile a's
+        output, staged in Q's buffer, has left."""
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        _tma_load(q_desc, [q_row_a, q_col], q_bar, q_smem)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_row, kv_col, 0, 0, n_a,
+                 BLOCK_N, STAGES)
+        if n_b > 0:
+            ahead = gl.minimum(n_b, STAGES)
+            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_row, kv_col, n_a, 0, ahead,
+                     BLOCK_N, STAGES)
+            mbarrier.wait(q_free, 0)
+            mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+            _tma_load(q_desc, [q_row_b, q_col], q_bar, q_smem)
+            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_row, kv_col, n_a, ahead, n_b,
+                     BLOCK_N, STAGES)
         # Take the releases not waited for above, so that every named barrier ends balanced.
-        for k in range(gl.maximum(n_blocks - STAGES, 0), n_blocks):
-            _bar(_RELEASE + k % STAGES, 32, _LOAD_RELEASED)
+        total = n_a + n_b
+        for g in range(gl.maximum(total - STAGES, 0), total):
+            _bar(_RELEASE + g % STAGES, 32, _LOAD_RELEASED)
 
     @gluon.jit
     def _signal_partition(kv_ready, n_blocks, STAGES: gl.constexpr):
@@ -167,10 +190,11 @@ if gluon is not None:
         return p_new, acc, m_i, l_i
 
     @gluon.jit
-    def _compute_partition(q_smem, k_smem, v_smem, q_bar, o_desc, lse_ptr, q_row, q_col,
-                           lse_off, n_blocks, qk_scale,
-                           CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                           HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    def _attend_tile(q_smem, k_smem, v_smem, q_bar, q_phase, g0, o_desc, lse_ptr, q_row, q_col,
+                     lse_off, n_blocks, qk_scale,
+                     CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        """One 128-row query tile, its key blocks at ring steps g0, g0 + 1, ..."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -186,11 +210,11 @@ if gluon is not None:
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
 
         _bar(_TURN, 256, _FIRST_TURN)  # warpgroup 0 issues first
-        mbarrier.wait(q_bar, 0)
-        _bar(_READY, 256, _WAIT_READY)
+        mbarrier.wait(q_bar, q_phase)
+        _bar(_READY + 2 * (g0 % STAGES), 256, _WAIT_READY)
         _bar(_TURN, 256, _WAIT_TURN)
-        s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
-                              is_async=True)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(g0 % STAGES).permute((1, 0)), s_zero,
+                              use_acc=False, is_async=True)
         _bar(_TURN, 256, _GIVE_TURN)
         s = warpgroup_mma_wait(0, deps=[s_tok])
         p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, CAUSAL and n_blocks == 1, p_layout,
@@ -201,19 +225,18 @@ if gluon is not None:
         # pairs (two register sets for P; NOTES.md, v7).
         for i in range((n_blocks - 2) // 2):
             j = 1 + 2 * i
-            p, acc, m_i, l_i = _step(j, p, acc, m_i, l_i, q_smem, k_smem, v_smem, s_zero,
+            p, acc, m_i, l_i = _step(g0 + j, p, acc, m_i, l_i, q_smem, k_smem, v_smem, s_zero,
                                      qk_scale, False, STAGES, p_layout, row_o)
-            p, acc, m_i, l_i = _step(j + 1, p, acc, m_i, l_i, q_smem, k_smem, v_smem, s_zero,
-                                     qk_scale, False, STAGES, p_layout, row_o)
+            p, acc, m_i, l_i = _step(g0 + j + 1, p, acc, m_i, l_i, q_smem, k_smem, v_smem,
+                                     s_zero, qk_scale, False, STAGES, p_layout, row_o)
         if n_blocks % 2 == 1 and n_blocks > 1:  # an odd number of unmasked steps
-            p, acc, m_i, l_i = _step(n_blocks - 2, p, acc, m_i, l_i, q_smem, k_smem, v_smem,
+            p, acc, m_i, l_i = _step(g0 + n_blocks - 2, p, acc, m_i, l_i, q_smem, k_smem, v_smem,
                                      s_zero, qk_scale, False, STAGES, p_layout, row_o)
         if n_blocks > 1:
-            p, acc, m_i, l_i = _step(n_blocks - 1, p, acc, m_i, l_i, q_smem, k_smem, v_smem,
+            p, acc, m_i, l_i = _step(g0 + n_blocks - 1, p, acc, m_i, l_i, q_smem, k_smem, v_smem,
                                      s_zero, qk_scale, CAUSAL, STAGES, p_layout, row_o)
 
-        last = n_blocks - 1
-        st = last % STAGES
+        st = (g0 + n_blocks - 1) % STAGES
         _bar(_TURN, 256, _WAIT_TURN)
         acc_tok = warpgroup_mma(p, v_smem.index(st), acc, is_async=True)
         _bar(_TURN, 256, _GIVE_TURN)
@@ -232,47 +255,85 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
+    def _compute_partition(q_smem, k_smem, v_smem, q_bar, q_free, o_desc, lse_ptr, q_row_a,
+                           q_row_b, q_col, lse_off_a, lse_off_b, n_a, n_b, qk_scale,
+                           CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                           HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        _attend_tile(q_smem, k_smem, v_smem, q_bar, 0, 0, o_desc, lse_ptr, q_row_a, q_col,
+                     lse_off_a, n_a, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                     num_warps)
+        if n_b > 0:
+            # Tile a's output has left Q's buffer (its TMA store was waited for): the loader
+            # may bring tile b's Q.
+            mbarrier.arrive(q_free)
+            _attend_tile(q_smem, k_smem, v_smem, q_bar, 1, n_a, o_desc, lse_ptr, q_row_b, q_col,
+                         lse_off_b, n_b, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                         num_warps)
+
+    @gluon.jit
     def _hopper_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, nheads, group,
-                           qk_scale, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                           num_warps: gl.constexpr):
+                           qk_scale, CAUSAL: gl.constexpr, PAIRED: gl.constexpr,
+                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                           STAGES: gl.constexpr, num_warps: gl.constexpr):
         n_m = seqlen // BLOCK_M
-        start_m = n_m - 1 - gl.program_id(0)  # heaviest causal blocks first
+        pid = gl.program_id(0)
         bh = gl.program_id(1)
         b = bh // nheads
         h = bh % nheads
-        q_row = b * seqlen + start_m * BLOCK_M
         kv_row = b * seqlen
         q_col = h * HEAD_DIM
         kv_col = (h // group) * HEAD_DIM
-        if CAUSAL:
-            n_blocks = (start_m + 1) * BLOCK_M // BLOCK_N
+        if PAIRED:
+            # Two causal query tiles per program, a heavy one and its light mirror: every
+            # program does n_m + 1 key blocks (the middle tile alone when n_m is odd).
+            m_a = n_m - 1 - pid
+            m_b = pid
+            if m_b < m_a:
+                n_b = (m_b + 1) * BLOCK_M // BLOCK_N
+            else:
+                n_b = 0
         else:
-            n_blocks = seqlen // BLOCK_N
-        lse_off = bh.to(gl.int64) * seqlen + start_m * BLOCK_M
+            m_a = n_m - 1 - pid  # heaviest causal tiles first
+            m_b = m_a
+            n_b = 0
+        if CAUSAL:
+            n_a = (m_a + 1) * BLOCK_M // BLOCK_N
+        else:
+            n_a = seqlen // BLOCK_N
+        q_row_a = b * seqlen + m_a * BLOCK_M
+        q_row_b = b * seqlen + m_b * BLOCK_M
+        lse_off_a = bh.to(gl.int64) * seqlen + m_a * BLOCK_M
+        lse_off_b = bh.to(gl.int64) * seqlen + m_b * BLOCK_M
 
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
+        mbarrier.init(q_free, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(kv_ready.index(i), count=1)
         fence_async_shared()
 
         gl.warp_specialize([
-            (_compute_partition, (q_smem, k_smem, v_smem, q_bar, o_desc, lse_ptr, q_row, q_col,
-                                  lse_off, n_blocks, qk_scale, CAUSAL, BLOCK_M, BLOCK_N,
-                                  HEAD_DIM, STAGES, num_warps)),
-            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready,
-                               q_row, kv_row, q_col, kv_col, n_blocks, BLOCK_N, STAGES)),
-            (_signal_partition, (kv_ready, n_blocks, STAGES)),
+            (_compute_partition, (q_smem, k_smem, v_smem, q_bar, q_free, o_desc, lse_ptr,
+                                  q_row_a, q_row_b, q_col, lse_off_a, lse_off_b, n_a, n_b,
+                                  qk_scale, CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                                  num_warps)),
+            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_free,
+                               kv_ready, q_row_a, q_row_b, kv_row, q_col, kv_col, n_a, n_b,
+                               BLOCK_N, STAGES)),
+            (_signal_partition, (kv_ready, n_a + n_b, STAGES)),
         ], [1, 1], [24, 24])
 
 
 STAGES = {64: 4, 128: 3}  # K and V ring depth: what fits in 227 KB beside the Q tile
+# Causal lengths up to this run two mirrored query tiles per program (NOTES.md, v11): +1-4%
+# from 2K to 8K on the H100; at 16K the halved grid's last wave cost 1-2%.
+PAIRED_MAX_SEQLEN = 8192
 # Where this kernel beat the portable Triton forward on the H100: at head dim 128 since v7; at
 # head dim 64 since the signalling warp (NOTES.md, v11: 1-8% faster, it was 6-13% slower).
 DEFAULT_HEAD_DIMS = (64, 128)
@@ -308,10 +369,12 @@ def _desc(t, rows):
 def hopper_fwd(q, k, v, out, lse, softmax_scale, causal):
     """Fill ``out`` (like q, contiguous) and ``lse`` (batch, heads, seqlen) fp32."""
     batch, seqlen, nheads, head_dim = q.shape
-    grid = (seqlen // BLOCK_M, batch * nheads)
+    n_m = seqlen // BLOCK_M
+    paired = causal and seqlen <= PAIRED_MAX_SEQLEN
+    grid = ((n_m + 1) // 2 if paired else n_m, batch * nheads)
     _hopper_fwd_kernel[grid](
         _desc(q, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), _desc(out, BLOCK_M), lse,
         seqlen, nheads, nheads // k.shape[2], softmax_scale * _LOG2E,
-        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        CAUSAL=causal, PAIRED=paired, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         STAGES=STAGES[head_dim], num_warps=8)
     return out, lse
