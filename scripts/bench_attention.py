@@ -397,7 +397,7 @@ def main(args):
     results = []
     for head_dim in args.head_dims:
         nheads = args.hidden // head_dim
-        for causal in (True, False):
+        for causal in {"both": (True, False), "causal": (True,), "full": (False,)}[args.masks]:
             for seqlen in args.seqlens:
                 batch = max(args.tokens // seqlen, 1)
                 rows = []
@@ -427,6 +427,8 @@ def parse_args(argv=None):
     p.add_argument("--seqlens", type=int, nargs="+",
                    default=[1024 * 2**i for i in range(8)])
     p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
+    p.add_argument("--masks", choices=["both", "causal", "full"], default="both",
+                   help="causal rows, rows without a mask, or both")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--tokens", type=int, default=16384, help="B*S for S below this")
     p.add_argument("--flex-max-seqlen", type=int, default=16384,

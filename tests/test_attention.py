@@ -568,6 +568,41 @@ def test_gluon_backward_gpu(shape, head_dim, causal, dtype, monkeypatch):
         assert (a.float() - b.float()).abs().max().item() <= 4 * ulp, name
 
 
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon backward needs a Hopper GPU")
+@pytest.mark.parametrize("sms", [1, 4, 6, 1000])
+def test_gluon_backward_program_order_gpu(sms, monkeypatch):
+    """Whatever the head grouping of the causal programs (here 1, 2, 3 and all 6 (batch, key
+    head) pairs per group), each key block of each head is done once: dK and dV come out
+    bit-identical to the one-group order, and dQ agrees to the rounding of its adds."""
+    from flashlm.kernels.attention import hopper_bwd
+    q, k, v, dout = _inputs(5, 2, 512, 512, 6, 3, 128, torch.bfloat16)
+    expected = _run_poisoned(q, k, v, dout, True, deterministic=False)
+    monkeypatch.setattr(hopper_bwd, "FASTER", {(128, True)})
+    monkeypatch.setattr(hopper_bwd, "_sm_count", lambda device: sms)
+    got = _run_poisoned(q, k, v, dout, True, deterministic=False)
+    assert torch.equal(got[3], expected[3]) and torch.equal(got[4], expected[4])
+    ulp = torch.finfo(torch.bfloat16).eps * expected[2].float().abs().max().item()
+    assert (got[2].float() - expected[2].float()).abs().max().item() <= 2 * ulp
+
+
+def test_gluon_backward_head_groups():
+    """The causal backward's head groups: a divisor of the (batch, key head) pairs, the
+    smallest whose programs fill the GPU twice, all pairs when none does, one without a mask."""
+    from flashlm.kernels.attention import hopper_bwd
+    if not hopper_bwd.available():
+        pytest.skip("needs Gluon (triton >= 3.5)")
+    group = hopper_bwd._heads_per_group
+    assert group(64, 32, True, 132) == 16  # 4K: 16 heads x 32 key blocks >= 264 programs
+    assert group(16, 512, True, 132) == 1  # 64K: one head already fills the GPU
+    assert group(12, 32, True, 132) == 12  # too few programs in all: one group
+    assert group(64, 32, False, 132) == 1
+    for n_bhk in (1, 6, 7, 48, 96):
+        for n_kb in (1, 2, 8, 32, 128):
+            g = group(n_bhk, n_kb, True, 132)
+            assert n_bhk % g == 0 and (g * n_kb >= 264 or g == n_bhk)
+            assert all(n_bhk % d or d * n_kb < 264 for d in range(1, g))
+
+
 def test_gluon_backward_dispatch():
     """The fused backward is taken only when the caller gives up determinism, on a Hopper GPU,
     inside its scope (dense, causal or full, lengths a multiple of 128); everything else takes

@@ -21,6 +21,9 @@ One program owns a block of 128 keys (64 per compute warpgroup) and walks the qu
   next step computes (already scaled by the softmax scale); a copy afterwards casts the fp32
   sum to dq's dtype.
 
+With a causal mask the programs of a few heads go key block by key block (``_heads_per_group``),
+so the longest ones start first without the heads losing their sharing of L2.
+
 Scope as the Gluon forward (``hopper_fwd.supports``): dense fp16/bf16, head dims 64 and 128,
 equal query and key lengths that are a multiple of 128, causal or full; the dispatch takes it
 where it measured faster (``FASTER``). On the H100 its backward ran at 531-544 TFLOP/s at head
@@ -227,12 +230,18 @@ if gluon is not None:
 
     @gluon.jit
     def _hopper_bwd_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, lse_desc,
-                           delta_desc, seqlen, nheads, group, qk_scale, softmax_scale,
+                           delta_desc, seqlen, nheads, group, heads_per_group, qk_scale,
+                           softmax_scale,
                            CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                            BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                            num_warps: gl.constexpr):
-        start_n = gl.program_id(0)  # key block; the first ones see the most queries if causal
-        bhk = gl.program_id(1)
+        # The programs of heads_per_group (batch, key head) pairs go key block by key block:
+        # with a causal mask, block 0 sees the most queries, so each group's longest programs
+        # start first (see _heads_per_group).
+        pid = gl.program_id(0)
+        span = heads_per_group * (seqlen // BLOCK_N)
+        start_n = (pid % span) // heads_per_group
+        bhk = (pid // span) * heads_per_group + pid % heads_per_group
         nheads_k = nheads // group
         b = bhk // nheads_k
         hk = bhk % nheads_k
@@ -305,19 +314,40 @@ def _row_desc(t):
     return TensorDescriptor(t, [n, BLOCK_M], [BLOCK_M, 1], [1, BLOCK_M], layout)
 
 
+def _heads_per_group(n_bhk, n_kb, causal, sms):
+    """How many of the n_bhk (batch, key head) pairs run their n_kb key-block programs
+    together, key block by key block. With a causal mask, the fewest (a divisor of n_bhk) whose
+    programs fill the GPU twice over: one pair at a time started its longest program (block 0)
+    late and the last wave ran long at 2K-8K; all pairs at once lost the pairs' sharing of Q,
+    dO and dQ in L2 and ran 1.4-1.8x slower (NOTES.md, v12). Without a mask every program does
+    the same work and the order stays pair by pair."""
+    if not causal:
+        return 1
+    return next(g for g in range(1, n_bhk + 1)
+                if n_bhk % g == 0 and (g * n_kb >= 2 * sms or g == n_bhk))
+
+
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def hopper_bwd(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal):
     """Fill dq, dk, dv (laid out like q, k, v) from ``delta`` = rowsum(dO * O) - dLSE and the
     forward's natural-log ``lse``, both (batch, heads, seqlen) fp32."""
     batch, seqlen, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    grid = (seqlen // BLOCK_N, batch * nheads_k)
+    n_kb = seqlen // BLOCK_N
+    n_bhk = batch * nheads_k
+    heads_per_group = _heads_per_group(n_bhk, n_kb, causal, _sm_count(q.device))
+    grid = (n_kb * n_bhk,)
     _hopper_bwd_kernel[grid](
         hopper_fwd._desc(q, BLOCK_M), hopper_fwd._desc(k, BLOCK_N), hopper_fwd._desc(v, BLOCK_N),
         hopper_fwd._desc(dout, BLOCK_M), hopper_fwd._desc(dk, BLOCK_N),
         hopper_fwd._desc(dv, BLOCK_N), _dq_desc(dq_acc), _row_desc(lse.contiguous()),
         _row_desc(delta.contiguous()),
-        seqlen, nheads, nheads // nheads_k, softmax_scale * _LOG2E, softmax_scale,
+        seqlen, nheads, nheads // nheads_k, heads_per_group, softmax_scale * _LOG2E,
+        softmax_scale,
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES,
         num_warps=8)
     dq.copy_(dq_acc)
