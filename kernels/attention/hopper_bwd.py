@@ -318,7 +318,7 @@ def _heads_per_group(n_bhk, n_kb, causal, sms):
     """How many of the n_bhk (batch, key head) pairs run their n_kb key-block programs
     together, key block by key block. With a causal mask, the fewest (a divisor of n_bhk) whose
     programs fill half the GPU. One pair at a time starts the last pair's longest program
-    (block 0) late, and the last wave runs long (groups measured 3-6% faster at causal 4K);
+    (block 0) late, and the last wave runs long (groups measured 4-6% faster at causal 4K);
     more pairs at once share less of Q, dO and dQ in L2 (all of them at once ran 1.4-1.8x
     slower; NOTES.md, v12). From 16K one pair's programs
     fill the GPU by themselves, and the order is pair by pair, as without a mask, where every
