@@ -4,8 +4,9 @@ and compiled FlexAttention, all in one run on the same inputs.
 FLOPs (printed with the table): forward 4*B*H*S*S*D, halved when causal; backward 2.5x the
 forward; forward+backward 3.5x. Shapes follow shared/BENCHMARKS.md: bf16, hidden 2048
 (H = 2048 / D), B*S = 16K tokens up to S = 16K, then B = 1. Times are the median of
-``triton.testing.do_bench``. Peak memory is ``max_memory_allocated`` during one forward+backward,
-above what the inputs already hold.
+``triton.testing.do_bench``; with ``--rounds N`` each cell is measured N times, the providers
+taking turns, and each mode keeps its median time. Peak memory is ``max_memory_allocated``
+during one forward+backward, above what the inputs already hold.
 
 Writes ``attention.json`` (GPU, versions, git commit, every row), ``attention.md`` (tables with
 ratios to each peer) and ``attention.png`` to ``--out``.
@@ -18,6 +19,7 @@ import datetime
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -138,6 +140,25 @@ def bench_one(provider, batch, seqlen, nheads, head_dim, causal, dtype, device):
     for mode, ms in (("fwd", ms_fwd), ("bwd", ms_bwd), ("fwd_bwd", ms_all)):
         row[f"{mode}_ms"] = ms
         row[f"{mode}_tflops"] = attention_flops(batch, nheads, seqlen, head_dim, causal, mode) / (ms * 1e-3) / 1e12
+    return row
+
+
+def median_row(rounds):
+    """One provider's row from its rounds: the median time of each mode (TFLOP/s from it), the
+    largest peak memory, and every round's TFLOP/s under ``<mode>_tflops_rounds``. A round that
+    failed makes the row that failure."""
+    failed = [r for r in rounds if "error" in r]
+    if failed:
+        return failed[0]
+    if len(rounds) == 1:
+        return rounds[0]
+    row = dict(rounds[0])
+    for mode in ("fwd", "bwd", "fwd_bwd"):
+        flops = rounds[0][f"{mode}_tflops"] * rounds[0][f"{mode}_ms"]  # TFLOP/s * ms: constant
+        row[f"{mode}_ms"] = statistics.median(r[f"{mode}_ms"] for r in rounds)
+        row[f"{mode}_tflops"] = flops / row[f"{mode}_ms"]
+        row[f"{mode}_tflops_rounds"] = [r[f"{mode}_tflops"] for r in rounds]
+    row["peak_mem_gib"] = max(r["peak_mem_gib"] for r in rounds)
     return row
 
 
@@ -271,8 +292,11 @@ def environment():
 
 
 def markdown(results, env):
+    rounds = env.get("rounds", 1)
     lines = [f"Attention TFLOP/s, {env['gpu']}, bf16, {env['date']} (torch {env['torch']}, "
-             f"triton {env['triton']}, commit {_commit(env)}).",
+             f"triton {env['triton']}, commit {_commit(env)})"
+             + (f"; each cell the median of {rounds} rounds, providers interleaved." if rounds > 1
+                else "."),
              "", "FLOPs: forward 4*B*H*S*S*D (halved when causal), backward 2.5x forward, "
              "forward+backward 3.5x. Hidden 2048 (H = 2048/D), B*S = 16K up to S = 16K, then B = 1. "
              "Cells: forward / backward / forward+backward; ratio columns are flashlm's "
@@ -374,6 +398,7 @@ def main(args):
     env = environment()
     if args.commit:
         env["git_commit"] = args.commit
+    env["rounds"] = args.rounds
     if args.explore:
         explore_configs()
     if args.varlen:
@@ -400,19 +425,23 @@ def main(args):
         for causal in {"both": (True, False), "causal": (True,), "full": (False,)}[args.masks]:
             for seqlen in args.seqlens:
                 batch = max(args.tokens // seqlen, 1)
-                rows = []
-                for provider in args.providers:
-                    if provider == "flex" and seqlen > args.flex_max_seqlen:
-                        continue
-                    row = bench_one(provider, batch, seqlen, nheads, head_dim, causal,
-                                    torch.bfloat16, "cuda")
-                    rows.append(row)
-                    print(f"D={head_dim} causal={causal} S={seqlen} B={batch} {provider}: "
-                          + (row.get("error") or f"fwd {row['fwd_tflops']:.0f} bwd {row['bwd_tflops']:.0f} "
-                             f"fwd+bwd {row['fwd_bwd_tflops']:.0f} TFLOP/s, {row['peak_mem_gib']:.2f} GiB"),
-                          flush=True)
-                    if "configs" in row:
-                        print("   configs:", row["configs"], flush=True)
+                providers = [p for p in args.providers
+                             if p != "flex" or seqlen <= args.flex_max_seqlen]
+                rounds = {p: [] for p in providers}
+                # Providers take turns round by round, so a drift of the GPU's clock over the
+                # run falls on all of them alike.
+                for _ in range(args.rounds):
+                    for provider in providers:
+                        row = bench_one(provider, batch, seqlen, nheads, head_dim, causal,
+                                        torch.bfloat16, "cuda")
+                        rounds[provider].append(row)
+                        print(f"D={head_dim} causal={causal} S={seqlen} B={batch} {provider}: "
+                              + (row.get("error") or f"fwd {row['fwd_tflops']:.0f} bwd {row['bwd_tflops']:.0f} "
+                                 f"fwd+bwd {row['fwd_bwd_tflops']:.0f} TFLOP/s, {row['peak_mem_gib']:.2f} GiB"),
+                              flush=True)
+                        if "configs" in row:
+                            print("   configs:", row["configs"], flush=True)
+                rows = [median_row(rounds[p]) for p in providers]
                 results.append({"head_dim": head_dim, "causal": causal, "seqlen": seqlen,
                                 "batch": batch, "nheads": nheads, "rows": rows})
                 with open(os.path.join(args.out, "attention.json"), "w") as f:
@@ -429,6 +458,9 @@ def parse_args(argv=None):
     p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
     p.add_argument("--masks", choices=["both", "causal", "full"], default="both",
                    help="causal rows, rows without a mask, or both")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure each cell this many times, providers taking turns, and keep "
+                        "the median")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--tokens", type=int, default=16384, help="B*S for S below this")
     p.add_argument("--flex-max-seqlen", type=int, default=16384,
@@ -440,7 +472,10 @@ def parse_args(argv=None):
                    help="packed-document and sliding-window rows instead of the dense sweep")
     p.add_argument("--explore", action="store_true",
                    help="autotune over wide config lists and record the winners")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
+    return args
 
 
 if __name__ == "__main__":

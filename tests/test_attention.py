@@ -6,8 +6,11 @@ against the fp64 reference may be at most about twice that of plain PyTorch comp
 attention in the same low precision, plus a few units in the last place of the output dtype.
 """
 
+import importlib.util
+import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -602,6 +605,75 @@ def test_gluon_backward_head_groups():
             g = group(n_bhk, n_kb, True, 132)
             assert n_bhk % g == 0 and (2 * g * n_kb >= 132 or g == n_bhk)
             assert all(n_bhk % d or 2 * d * n_kb < 132 for d in range(1, g))
+
+
+def _bench_script():
+    spec = importlib.util.spec_from_file_location(
+        "bench_attention", Path(__file__).resolve().parent.parent / "scripts" / "bench_attention.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_rounds_keep_each_modes_median(capsys):
+    """`bench_attention.py --rounds`: each mode keeps its median time and the TFLOP/s that time
+    gives, every round's TFLOP/s is kept, a failed round fails the row, and 0 rounds is an
+    error that names the flag."""
+    bench = _bench_script()
+    flops = {"fwd": 2e12, "bwd": 5e12, "fwd_bwd": 7e12}
+    rounds = []
+    # Medians (4, 9, 14 ms) that are not the means, from different rounds for each mode.
+    for fwd_ms, bwd_ms, all_ms, mem in ((4.0, 9.0, 19.0, 1.0), (5.0, 8.0, 14.0, 1.5),
+                                        (1.0, 20.0, 12.0, 1.2)):
+        row = {"provider": "flashlm", "peak_mem_gib": mem}
+        for mode, ms in (("fwd", fwd_ms), ("bwd", bwd_ms), ("fwd_bwd", all_ms)):
+            row[f"{mode}_ms"] = ms
+            row[f"{mode}_tflops"] = flops[mode] / (ms * 1e-3) / 1e12
+        rounds.append(row)
+    got = bench.median_row(rounds)
+    for mode, ms in (("fwd", 4.0), ("bwd", 9.0), ("fwd_bwd", 14.0)):
+        assert got[f"{mode}_ms"] == ms
+        assert got[f"{mode}_tflops"] == pytest.approx(flops[mode] / (ms * 1e-3) / 1e12)
+        assert got[f"{mode}_tflops_rounds"] == [r[f"{mode}_tflops"] for r in rounds]
+    assert got["peak_mem_gib"] == 1.5
+    assert bench.median_row(rounds[:1]) is rounds[0]
+    failed = {"provider": "flashlm", "error": "out of memory"}
+    assert bench.median_row([rounds[0], failed]) is failed
+    assert bench.parse_args(["--rounds", "3", "--masks", "causal"]).rounds == 3
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rounds", "0"])
+    assert "--rounds must be at least 1, got 0" in capsys.readouterr().err
+    env = {"gpu": "GPU", "date": "d", "torch": "t", "triton": "3", "git_commit": "abc", "rounds": 3}
+    assert "median of 3 rounds" in bench.markdown([], env)
+
+
+def test_bench_rounds_interleave_providers(tmp_path, monkeypatch):
+    """With --rounds 2 the providers take turns (a, b, a, b), and the table and JSON keep one
+    row per provider with both rounds."""
+    bench = _bench_script()
+    calls = []
+
+    def fake_bench_one(provider, batch, seqlen, nheads, head_dim, causal, dtype, device):
+        calls.append(provider)
+        ms = float(len(calls))
+        return {"provider": provider, "peak_mem_gib": 0.5, "fwd_ms": ms, "bwd_ms": 2 * ms,
+                "fwd_bwd_ms": 3 * ms, "fwd_tflops": 1 / ms, "bwd_tflops": 1 / ms,
+                "fwd_bwd_tflops": 1 / ms}
+    monkeypatch.setattr(bench, "bench_one", fake_bench_one)
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "environment", lambda: {
+        "gpu": "GPU", "date": "d", "torch": "t", "triton": "3", "git_commit": "abc"})
+    monkeypatch.setattr(bench, "plot", lambda results, path: None)
+    bench.main(bench.parse_args(["--rounds", "2", "--head-dims", "64", "--seqlens", "1024",
+                                 "--masks", "causal", "--providers", "flashlm", "sdpa_cudnn",
+                                 "--out", str(tmp_path)]))
+    assert calls == ["flashlm", "sdpa_cudnn", "flashlm", "sdpa_cudnn"]
+    data = json.loads((tmp_path / "attention.json").read_text())
+    rows = data["results"][0]["rows"]
+    assert [r["provider"] for r in rows] == ["flashlm", "sdpa_cudnn"]
+    assert rows[0]["fwd_tflops_rounds"] == [1.0, 1 / 3]
+    assert data["env"]["rounds"] == 2
+    assert "median of 2 rounds" in (tmp_path / "attention.md").read_text()
 
 
 def test_gluon_backward_dispatch():
