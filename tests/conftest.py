@@ -4,7 +4,9 @@ TRITON_INTERPRET is read when a kernel is decorated, so it must be set before an
 imports triton (and so before flashlm is imported).
 """
 
+import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -12,3 +14,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_script(name):
+    """A module of ``scripts/`` (run, not imported, by users), loaded for a test."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -6,17 +6,15 @@ against the fp64 reference may be at most about twice that of plain PyTorch comp
 attention in the same low precision, plus a few units in the last place of the output dtype.
 """
 
-import importlib.util
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import triton
 
-from conftest import DEVICE
+from conftest import DEVICE, load_script
 from flashlm import flash_attn_func, flash_attn_varlen_func
 from flashlm.kernels.attention import attention_reference, varlen_attention_reference
 from flashlm.kernels.attention import flash_attn as fa
@@ -607,19 +605,11 @@ def test_gluon_backward_head_groups():
             assert all(n_bhk % d or 2 * d * n_kb < 132 for d in range(1, g))
 
 
-def _bench_script():
-    spec = importlib.util.spec_from_file_location(
-        "bench_attention", Path(__file__).resolve().parent.parent / "scripts" / "bench_attention.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_rounds_keep_each_modes_median(capsys):
     """`bench_attention.py --rounds`: each mode keeps its median time and the TFLOP/s that time
     gives, every round's TFLOP/s is kept, a failed round fails the row, and 0 rounds is an
     error that names the flag."""
-    bench = _bench_script()
+    bench = load_script("bench_attention")
     flops = {"fwd": 2e12, "bwd": 5e12, "fwd_bwd": 7e12}
     rounds = []
     # Medians (4, 9, 14 ms) that are not the means, from different rounds for each mode.
@@ -650,7 +640,7 @@ def test_bench_rounds_keep_each_modes_median(capsys):
 def test_bench_rounds_interleave_providers(tmp_path, monkeypatch):
     """With --rounds 2 the providers take turns (a, b, a, b), and the table and JSON keep one
     row per provider with both rounds."""
-    bench = _bench_script()
+    bench = load_script("bench_attention")
     calls = []
 
     def fake_bench_one(provider, batch, seqlen, nheads, head_dim, causal, dtype, device):

@@ -1,7 +1,6 @@
 """The long-context tools on CPU: the ladder's recipes and plan, the long-context evaluation, and
 the memory sweep's logic (a dry run with a simulated out-of-memory)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -13,19 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_script
 from flashlm import GPT, GPTConfig
 from flashlm.hf import to_hf_config
 from flashlm.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["4k", "8k", "16k", "32k", "64k", "128k"]
-
-
-def script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- recipes and the ladder -----------------------------------------------------------------
@@ -50,7 +43,7 @@ def test_ladder_recipes_chain_and_keep_tokens_per_step():
 
 
 def test_ladder_plan_with_a_token_budget():
-    ladder = script("run_ladder")
+    ladder = load_script("run_ladder")
     args = ladder.parse_args(["--tokens-per-stage", "2M", "--out", "runs/x", "--dry-run", "--",
                               "--logging.log_every=1"])
     stages = ladder.plan(args)
@@ -81,7 +74,7 @@ def tiny_hf_model(tmp_path_factory):
 
 
 def test_passkey_prompt_layout():
-    ev = script("eval_long_context")
+    ev = load_script("eval_long_context")
     from flashlm.data import load_tokenizer
 
     tokenizer = load_tokenizer(str(ROOT / "data" / "tokenizer"))
@@ -101,7 +94,7 @@ def test_passkey_prompt_layout():
 
 
 def test_eval_long_context_reports_buckets_and_passkey(tiny_hf_model, tmp_path):
-    ev = script("eval_long_context")
+    ev = load_script("eval_long_context")
     out = tmp_path / "report.json"
     report = ev.main(ev.parse_args([
         "--model", str(tiny_hf_model), "--seq-len", "256",
@@ -149,7 +142,7 @@ def test_memory_sweep_undoes_liger_patches(monkeypatch):
 
     from transformers.models.llama import modeling_llama as llama
 
-    sweep = script("memory_sweep")
+    sweep = load_script("memory_sweep")
     before = (llama.LlamaRMSNorm, llama.LlamaMLP, llama.apply_rotary_pos_emb, llama.LlamaForCausalLM.forward)
 
     def fake_apply(**kwargs):  # patches the way liger-kernel does
@@ -170,7 +163,7 @@ def test_memory_sweep_undoes_liger_patches(monkeypatch):
 def test_memory_sweep_runs_the_comparison_first():
     """A tight time budget cuts from the end: both flashlm rows and HF + liger up to 128K, then
     flashlm at 256K, then the other rows, then the longest contexts."""
-    sweep = script("memory_sweep")
+    sweep = load_script("memory_sweep")
     order = [(preset, row, [c // 1024 for c in contexts])
              for preset, row, contexts in sweep.plan(sweep.parse_args(["--preset", "1b", "100m"]))]
     short = [4, 8, 16, 32, 64, 128]
