@@ -26,9 +26,9 @@ so the longest ones start first without the heads losing their sharing of L2.
 
 Scope as the Gluon forward (``hopper_fwd.supports``): dense fp16/bf16, head dims 64 and 128,
 equal query and key lengths that are a multiple of 128, causal or full; the dispatch takes it
-where it measured faster (``FASTER``). On the H100 its backward ran at 516-541 TFLOP/s at head
-dim 128, causal, 16K-128K, against 407-427 for the deterministic kernels and 530-548 for
-cuDNN (NOTES.md, v12); what ptxas made of the schedule is in NOTES.md (v8, v10).
+where it measured faster (``FASTER``). On the H100 its backward ran at 521-534 TFLOP/s at head
+dim 128, causal, 16K-128K, against 407-427 for the deterministic kernels and 512-545 for
+cuDNN (NOTES.md, v13); what ptxas made of the schedule is in NOTES.md (v8, v10).
 """
 
 import torch
