@@ -697,6 +697,30 @@ def test_gluon_backward_dispatch():
         assert (g.double() - r).abs().max().item() < 2e-2
 
 
+def test_gluon_descriptor_layouts():
+    """The launches' tensor descriptors take their shared-memory layouts from a cache: each
+    must be the layout built for that tile's shape and element type (a wrong dtype entry would
+    make the TMA copies misread the tiles), and one object per (shape, dtype)."""
+    from flashlm.kernels.attention import hopper_bwd, hopper_fwd
+    if not hopper_fwd.available():
+        pytest.skip("needs Gluon (triton >= 3.5)")
+    gl = hopper_fwd.gl
+    for dtype, gl_dtype in ((torch.float16, gl.float16), (torch.bfloat16, gl.bfloat16)):
+        for head_dim in (64, 128):
+            t = torch.empty(2, 256, 4, head_dim, dtype=dtype)
+            for rows in (hopper_fwd.BLOCK_M, hopper_bwd.BLOCK_M):
+                desc = hopper_fwd._desc(t, rows)
+                assert desc.layout == gl.NVMMASharedLayout.get_default_for([rows, head_dim],
+                                                                            gl_dtype)
+                assert desc.layout is hopper_fwd._desc(t.clone(), rows).layout
+                assert desc.block_shape == [rows, head_dim]
+            dq = hopper_bwd._dq_desc(t.float())
+            assert dq.layout == gl.NVMMASharedLayout.get_default_for(
+                [hopper_bwd.BLOCK_M, head_dim], gl.float32)
+    row = hopper_bwd._row_desc(torch.empty(4 * 256))
+    assert row.layout.swizzle_byte_width == 0 and row.layout.element_bitwidth == 32
+
+
 def _hopper_sass(kind, head_dim, causal):
     """SASS of a Gluon kernel ("fwd" or "bwd") compiled for sm_90 by tests/gluon_sass.py in a
     fresh process (the interpreter the CPU suite runs under patches triton's language

@@ -31,6 +31,8 @@ dim 128, causal, 16K-128K, against 407-427 for the deterministic kernels and 512
 cuDNN (NOTES.md, v13); what ptxas made of the schedule is in NOTES.md (v8, v10).
 """
 
+import functools
+
 import torch
 
 from . import hopper_fwd
@@ -302,16 +304,20 @@ def _dq_desc(dq_acc):
     """The fp32 dQ accumulator (batch, seqlen, heads, head_dim) as rows of heads * head_dim, in
     (BLOCK_M, head_dim) tiles."""
     batch, seqlen, nheads, head_dim = dq_acc.shape
-    layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, head_dim], gl.float32)
     return TensorDescriptor(dq_acc, [batch * seqlen, nheads * head_dim], [nheads * head_dim, 1],
-                            [BLOCK_M, head_dim], layout)
+                            [BLOCK_M, head_dim], hopper_fwd._tile_layout(BLOCK_M, head_dim,
+                                                                        torch.float32))
 
 
 def _row_desc(t):
     """A (batch, heads, seqlen) fp32 row statistic as rows of BLOCK_M, one row per TMA load."""
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     n = t.numel() // BLOCK_M
-    return TensorDescriptor(t, [n, BLOCK_M], [BLOCK_M, 1], [1, BLOCK_M], layout)
+    return TensorDescriptor(t, [n, BLOCK_M], [BLOCK_M, 1], [1, BLOCK_M], _row_layout())
+
+
+@functools.lru_cache(maxsize=None)
+def _row_layout():
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 
 
 def _heads_per_group(n_bhk, n_kb, causal, sms):

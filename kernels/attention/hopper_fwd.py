@@ -34,6 +34,8 @@ attention without a sliding window. Everything else takes the portable kernel in
 so the backward is shared.
 """
 
+import functools
+
 import torch
 
 try:  # Gluon ships with triton >= 3.5; on older tritons this path is simply never taken.
@@ -342,7 +344,7 @@ DEFAULT_HEAD_DIMS = (64, 128)
 def supports(q, k, v, out):
     """Whether the Gluon forward can take these dense (batch, seqlen, heads, head_dim) tensors
     (see the module docstring for the scope); the caller checks the mask."""
-    if gluon is None or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+    if gluon is None or not q.is_cuda or not _is_hopper(q.device.index):
         return False
     if q.dim() != 4 or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in STAGES:
         return False
@@ -358,12 +360,25 @@ def supports(q, k, v, out):
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _is_hopper(index):
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+@functools.lru_cache(maxsize=None)
+def _tile_layout(rows, cols, dtype):
+    """The shared-memory layout of a (rows, cols) tile of a torch dtype. Building one costs
+    about as much host time as the tensor descriptor that carries it, and every launch needs
+    four to nine of them; layouts are immutable, so each is built once."""
+    gl_dtype = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16,
+                torch.float32: gl.float32}[dtype]
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl_dtype)
+
+
 def _desc(t, rows):
     batch, seqlen, nheads, head_dim = t.shape
-    gl_dtype = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
-    layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl_dtype)
     return TensorDescriptor(t, [batch * seqlen, nheads * head_dim], [t.stride(1), 1],
-                            [rows, head_dim], layout)
+                            [rows, head_dim], _tile_layout(rows, head_dim, t.dtype))
 
 
 def hopper_fwd(q, k, v, out, lse, softmax_scale, causal):
