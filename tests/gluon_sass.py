@@ -34,7 +34,7 @@ def _backward(head_dim, causal):
     q = torch.empty(1, 1024, 16, head_dim, dtype=torch.bfloat16)
     descs = dict(q_desc=hopper_fwd._desc(q, hopper_bwd.BLOCK_M),
                  do_desc=hopper_fwd._desc(q, hopper_bwd.BLOCK_M),
-                 dq_desc=hopper_bwd._dq_desc(q.float()),
+                 dq_desc=hopper_bwd._dq_desc(q.float(), causal),
                  lse_desc=hopper_bwd._row_desc(torch.empty(16 * 1024)),
                  delta_desc=hopper_bwd._row_desc(torch.empty(16 * 1024)))
     tile = hopper_fwd._desc(q, hopper_bwd.BLOCK_N)
