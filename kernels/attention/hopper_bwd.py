@@ -314,7 +314,7 @@ def _dq_layout(head_dim, causal):
     warps' 64-bit stores of the tile conflict 2-way (each half-warp writes rows r and r ^ 1 to
     the same banks); a 32-byte swizzle has no conflict but takes 4x the TMA reduce messages, 8
     per tile at head dim 64 (NOTES.md, v13). It measured 2% faster at head dim 64 with a causal
-    mask (16K to 128K), 2.5-3% slower without one and 13% slower at head dim 128 (16 messages)."""
+    mask (16K to 128K), 2.5-3% slower without one and 9-14% slower at head dim 128 (16 messages)."""
     if head_dim == 64 and causal:
         return gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=32, rank=2)
     return hopper_fwd._tile_layout(BLOCK_M, head_dim, torch.float32)
