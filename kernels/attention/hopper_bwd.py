@@ -337,9 +337,8 @@ def _heads_per_group(n_bhk, n_kb, causal, sms):
     programs fill half the GPU. One pair at a time starts the last pair's longest program
     (block 0) late, and the last wave runs long (groups measured 4-6% faster at causal 4K);
     more pairs at once share less of Q, dO and dQ in L2 (all of them at once ran 1.4-1.8x
-    slower; NOTES.md, v12). From 16K one pair's programs
-    fill the GPU by themselves, and the order is pair by pair, as without a mask, where every
-    program does the same work."""
+    slower; NOTES.md, v12). From 16K one pair's programs fill the GPU by themselves, and the
+    order is pair by pair, as without a mask, where every program does the same work."""
     if not causal:
         return 1
     return next(g for g in range(1, n_bhk + 1)
