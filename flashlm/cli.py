@@ -8,8 +8,8 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("flashlm.train", "train or fine-tune a model from a recipe"),
-    "export": ("flashlm.export", "export a flashlm checkpoint to a Hugging Face directory"),
+    "train": ("flashlm.training.train", "train or fine-tune a model from a recipe"),
+    "export": ("flashlm.hf.export", "export a flashlm checkpoint to a Hugging Face directory"),
 }
 
 

@@ -4,7 +4,7 @@ A recipe is a YAML file with one mapping per section::
 
     output_dir: runs/debug_cpu
     model:    {preset: debug, attn_backend: sdpa}   # a GPTConfig preset plus field overrides
-    data:     {path: data/corpus, tokenizer: data/tokenizer, ...}   # flashlm.data.DataConfig
+    data:     {path: data/corpus, tokenizer: data/tokenizer, ...}   # DataConfig
     optim:    {lr: 3.0e-3, weight_decay: 0.1, grad_clip: 1.0}
     schedule: {kind: cosine, warmup_steps: 20, min_lr_ratio: 0.1}
     training: {steps: 300, micro_batch_size: 16, grad_accum_steps: 1, seq_len: 128, seed: 0}
@@ -31,10 +31,11 @@ from typing import Any, Literal
 
 import yaml
 
-from flashlm.data import DataConfig
+from flashlm.model.config import GPTConfig
+from flashlm.validation import ConfigError, invalid
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """A recipe or override that cannot be turned into a valid ``Recipe``."""
 
 
@@ -52,6 +53,51 @@ class ModelRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         return ({"preset": self.preset} if self.preset is not None else {}) | self.overrides
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the corpus is, how to read and tokenize it, and how to split it."""
+
+    path: str
+    tokenizer: str
+    format: Literal["auto", "text", "jsonl", "parquet", "arrow", "hub"] = "auto"
+    text_field: str = "text"
+    sample_by: Literal["document", "paragraph", "line"] = "document"
+    eval_fraction: float = 0.0
+    eval_docs: int | None = None  # a count of held-out documents; overrides eval_fraction
+    streaming: bool = False
+    shuffle_buffer: int = 1024
+    cache_dir: str | None = ".cache/data"
+    seed: int = 0
+    num_proc: int = 1  # datasets.map processes; the Rust tokenizer is multithreaded already
+    hub_config: str | None = None
+    hub_split: str = "train"
+    kind: Literal["text", "sft"] = "text"  # sft: instruction examples, see flashlm.data.chat
+    truncation: bool = False  # sft: cut an example longer than seq_len (and count it) instead of failing
+    chat_template: str | None = None  # sft: a Jinja chat template replacing the tokenizer's own
+
+    def __post_init__(self):
+        _check(bool(self.path), "data.path", self.path, "must name a file, folder, glob or hub dataset")
+        _check(bool(self.tokenizer), "data.tokenizer", self.tokenizer, "must name a tokenizer")
+        formats = ("auto", "text", "jsonl", "parquet", "arrow", "hub")
+        _check(self.format in formats, "data.format", self.format, f"must be one of {formats}")
+        _check(self.sample_by in ("document", "paragraph", "line"), "data.sample_by", self.sample_by,
+               "must be 'document', 'paragraph' or 'line'")
+        _check(bool(self.text_field), "data.text_field", self.text_field, "must name a field")
+        _check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
+        _check(self.eval_docs is None or self.eval_docs >= 0, "data.eval_docs", self.eval_docs, "must be >= 0")
+        _check(not (self.streaming and self.eval_fraction > 0), "data.eval_fraction", self.eval_fraction,
+               "cannot be used with streaming (the stream's length is unknown); set eval_docs")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 1")
+        _check(self.num_proc >= 1, "data.num_proc", self.num_proc, "must be >= 1")
+        _check(self.kind in ("text", "sft"), "data.kind", self.kind, "must be 'text' or 'sft'")
+        if self.kind == "text":
+            _check(not self.truncation, "data.truncation", self.truncation, "applies to kind: sft only")
+            _check(self.chat_template is None, "data.chat_template", self.chat_template, "applies to kind: sft only")
+        else:
+            _check(self.format in ("auto", "jsonl"), "data.format", self.format, "must be 'jsonl' (or 'auto') for kind: sft")
+            _check(not self.streaming, "data.streaming", self.streaming, "is not supported for kind: sft")
 
 
 @dataclass(kw_only=True)
@@ -304,8 +350,6 @@ def _section_classes() -> dict[str, type]:
 
 
 def _model_keys() -> list[str]:
-    from flashlm.config import GPTConfig
-
     return ["preset"] + [f.name for f in dataclasses.fields(GPTConfig) if f.init]
 
 
@@ -338,8 +382,6 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _build_model(raw: dict[str, Any], prefix: str) -> ModelRecipe:
-    from flashlm.config import GPTConfig
-
     raw = dict(raw)
     preset = raw.pop("preset", None)
     fields = {f.name for f in dataclasses.fields(GPTConfig) if f.init}
@@ -370,12 +412,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except RecipeError:
                 pass
-        raise RecipeError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+        raise RecipeError(invalid(key, value, f"expected a {_type_name(tp)}"))
     if origin is Literal:
         for choice in args:
             if value == choice or (isinstance(value, str) and str(choice) == value):
                 return choice
-        raise RecipeError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+        raise RecipeError(invalid(key, value, f"expected one of {', '.join(repr(a) for a in args)}"))
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".")
     if origin in (list, tuple):
@@ -383,7 +425,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             text = value.strip()
             value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{key}: expected a list, got {value!r}")
+            raise RecipeError(invalid(key, value, "expected a list"))
         item = args[0] if args else Any
         items = [_coerce(v.strip() if isinstance(v, str) else v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
@@ -391,14 +433,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             value = yaml.safe_load(value)
         if not isinstance(value, dict):
-            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+            raise RecipeError(invalid(key, value, "expected a mapping"))
         return value
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
-        raise RecipeError(f"{key}: {value!r} is not a bool (true/false)")
+        raise RecipeError(invalid(key, value, "expected a bool (true/false)"))
     if tp is int:
         if isinstance(value, str):
             try:
@@ -409,20 +451,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise RecipeError(f"{key}: {value!r} is not an int")
+        raise RecipeError(invalid(key, value, "expected an int"))
     if tp is float:
         if isinstance(value, str):
             value = _float_or(value, value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise RecipeError(f"{key}: {value!r} is not a float")
+        raise RecipeError(invalid(key, value, "expected a float"))
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise RecipeError(f"{key}: {value!r} is not a string")
+        raise RecipeError(invalid(key, value, "expected a string"))
     if isinstance(value, tp):
         return value
-    raise RecipeError(f"{key}: cannot read {value!r} as {_type_name(tp)}")
+    raise RecipeError(invalid(key, value, f"expected a {_type_name(tp)}"))
 
 
 def _float_or(text: str, fallback: Any) -> Any:
@@ -444,7 +486,7 @@ def _unknown(key: str, valid: list[str], what: str) -> RecipeError:
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
-        raise RecipeError(f"{key}={value!r} {why}")
+        raise RecipeError(invalid(key, value, why))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -18,11 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-import flashlm.data as fd
+import flashlm.data.documents as documents
 from flashlm.data import (
-    DataConfig, DataError, PackedSplit, TrainLoader, build_eval_loader, build_train_loader,
-    check_tokenizer_fits, iter_texts, load_tokenizer, make_batch, pack, prepare_data, unigram_entropy,
+    DataConfig, DataError, build_eval_loader, build_train_loader, check_tokenizer_fits, iter_texts, load_tokenizer,
+    make_batch, prepare_data, unigram_entropy,
 )
+from flashlm.data.loader import EvalLoader, TrainLoader
+from flashlm.data.packing import PackedSplit, pack
+from flashlm.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = str(ROOT / "data" / "tokenizer")
@@ -206,7 +209,7 @@ def test_rank_shards_are_disjoint_and_even():
     for i in range(world):
         for j in range(i + 1, world):
             assert not owned[i] & owned[j]
-    evals = [fd.EvalLoader(split, batch_size=3, rank=r, world_size=world) for r in range(world)]
+    evals = [EvalLoader(split, batch_size=3, rank=r, world_size=world) for r in range(world)]
     eval_rows = [set(tuple(row) for b in ev for row in b["input_ids"].tolist()) for ev in evals]
     assert len({len(e) for e in evals}) == 1
     assert sum(len(e) for e in eval_rows) == len(split) // world * world
@@ -249,8 +252,8 @@ def test_cache_reuse_and_invalidation(tok, tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "corpus" / "c.jsonl", docs)
     cfg = config(path.parent, tmp_path)
     calls = []
-    real = fd.tokenize_documents
-    monkeypatch.setattr(fd, "tokenize_documents", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = documents.tokenize_documents
+    monkeypatch.setattr(documents, "tokenize_documents", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = prepare_data(cfg, tok, seq_len=32)
     assert calls == [1] and not first.from_cache
     assert (first.cache_entry / "tokens.npy").is_file()
@@ -307,7 +310,7 @@ def test_hub_format_through_load_dataset(tok, tmp_path, monkeypatch):
     assert first.train.n_docs == 18 and first.eval.n_docs == 2 and not first.from_cache
     got = decoded_docs(first.train, tok) + decoded_docs(first.eval, tok)
     assert len(got) >= 18 and set(got) <= set(docs)
-    monkeypatch.setattr(fd, "tokenize_documents", None)  # a cache hit must not tokenize
+    monkeypatch.setattr(documents, "tokenize_documents", None)  # a cache hit must not tokenize
     assert prepare_data(cfg, tok, seq_len=8).from_cache
 
 
@@ -451,7 +454,7 @@ def test_text_that_is_not_utf8_names_the_file(tok, tmp_path):
     [("eval_fraction", 1.5), ("eval_docs", -1), ("format", "csv"), ("sample_by", "word"), ("num_proc", 0)],
 )
 def test_config_errors_name_field_and_value(field, value):
-    with pytest.raises(DataError, match=f"{field}={value!r}"):
+    with pytest.raises(RecipeError, match=f"data.{field}={value!r} is invalid"):
         DataConfig(path="x", tokenizer="y", **{field: value})
 
 

@@ -14,7 +14,8 @@ import yaml
 from conftest import DEVICE
 from flashlm import GPT, GPTConfig
 from flashlm.data import make_batch
-from flashlm.model import attention, build_attention_mask, check_cu_seqlens
+from flashlm.hf import load_pretrained, save_pretrained
+from flashlm.model.model import attention, build_attention_mask, check_cu_seqlens
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -195,7 +196,7 @@ def test_window_model_exports_to_mistral_with_matching_logits(tmp_path):
 
     torch.manual_seed(0)
     model = GPT(tiny(attn_backend="sdpa", sliding_window=5)).eval()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["MistralForCausalLM"] and config["sliding_window"] == 5
     assert not {"attention_bias", "mlp_bias", "pretraining_tp"} & set(config)
@@ -206,7 +207,7 @@ def test_window_model_exports_to_mistral_with_matching_logits(tmp_path):
             theirs = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=implementation).eval()
             assert type(theirs).__name__ == "MistralForCausalLM"
             torch.testing.assert_close(theirs(ids).logits, ours, rtol=1e-4, atol=1e-4)
-        back = GPT.from_pretrained(tmp_path, attn_backend="eager")
+        back = load_pretrained(tmp_path, attn_backend="eager")
         assert back.config.sliding_window == 5
         torch.testing.assert_close(back(ids).logits, ours, rtol=1e-4, atol=1e-4)
         model.config.sliding_window = None  # the window matters at this length
@@ -219,7 +220,7 @@ def test_pretraining_recipe_with_document_mask(tmp_path):
     """training.document_mask sends the batches' boundaries and positions to the model: the run
     trains, and its first loss differs from the same run attending across documents."""
     from flashlm.recipe import recipe_from_dict
-    from flashlm.train import main
+    from flashlm.training.train import main
 
     corpus = tmp_path / "corpus.jsonl"
     lines = (REPO / "data" / "corpus" / "austen_persuasion.jsonl").read_text(encoding="utf-8").splitlines()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import flashlm
 from conftest import DEVICE
 from flashlm import GPT, GPTConfig
-from flashlm.hf import UnsupportedCheckpointError, from_hf_config, to_hf_config
+from flashlm.hf import UnsupportedCheckpointError, from_hf_config, load_pretrained, save_pretrained, to_hf_config
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -67,7 +67,7 @@ def assert_rope_matches(ours, theirs):
 def test_flashlm_to_transformers_logits_match(tmp_path, scaling, tie):
     torch.manual_seed(0)
     model = GPT(tiny_config(rope_scaling=ROPE_SCALINGS[scaling], tie_word_embeddings=tie)).eval()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(hf) is LlamaForCausalLM
     assert hf.config.tie_word_embeddings is tie
@@ -85,7 +85,7 @@ def test_transformers_to_flashlm_logits_match(tmp_path, scaling, tie):
     torch.manual_seed(0)
     hf = tiny_llama(ROPE_SCALINGS[scaling], tie=tie)
     hf.save_pretrained(tmp_path)
-    model = GPT.from_pretrained(tmp_path, attn_backend="sdpa").eval()
+    model = load_pretrained(tmp_path, attn_backend="sdpa").eval()
     assert model.config.tie_word_embeddings is tie
     assert (model.lm_head.weight is model.embed.weight) is tie
     assert_rope_matches(model, hf)
@@ -112,7 +112,7 @@ def test_legacy_v4_config_keys_are_read(tmp_path):
     config["rope_scaling"] = {**params, "type": params.pop("rope_type")}
     config["torch_dtype"] = config.pop("dtype", "float32")
     (tmp_path / "config.json").write_text(json.dumps(config))
-    model = GPT.from_pretrained(tmp_path).eval()
+    model = load_pretrained(tmp_path).eval()
     assert model.config.rope_scaling["rope_type"] == "llama3"
     input_ids = torch.randint(0, 96, (1, 40))
     torch.testing.assert_close(logits_of(model, input_ids), logits_of(hf, input_ids), rtol=1e-5, atol=1e-5)
@@ -131,7 +131,7 @@ def test_exported_config_carries_v4_and_v5_rope_keys():
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_name_map_covers_every_parameter_once(tie):
-    from flashlm.hf import hf_names
+    from flashlm.hf.convert import hf_names
 
     config = tiny_config(tie_word_embeddings=tie)
     pairs = hf_names(config)
@@ -154,8 +154,8 @@ def test_export_import_export_round_trip(tmp_path, shard):
     torch.manual_seed(0)
     config = tiny_config(rope_scaling=ROPE_SCALINGS["yarn"], bos_token_id=1, eos_token_id=2)
     kwargs = {} if shard is None else {"max_shard_size": shard}
-    GPT(config).save_pretrained(tmp_path / "a", **kwargs)
-    GPT.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b", **kwargs)
+    save_pretrained(GPT(config), tmp_path / "a", **kwargs)
+    save_pretrained(load_pretrained(tmp_path / "a"), tmp_path / "b", **kwargs)
     files_a, config_a, tensors_a = read_dir(tmp_path / "a")
     files_b, config_b, tensors_b = read_dir(tmp_path / "b")
     assert files_a == files_b and config_a == config_b
@@ -169,15 +169,15 @@ def test_export_import_export_round_trip(tmp_path, shard):
         assert "model.safetensors" not in files_a
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
         input_ids = torch.randint(0, 96, (1, 12))
-        torch.testing.assert_close(logits_of(hf, input_ids), logits_of(GPT.from_pretrained(tmp_path / "a"), input_ids),
+        torch.testing.assert_close(logits_of(hf, input_ids), logits_of(load_pretrained(tmp_path / "a"), input_ids),
                                    rtol=1e-5, atol=1e-5)
 
 
 def test_reexport_replaces_stale_shards(tmp_path):
     torch.manual_seed(0)
     model = GPT(tiny_config())
-    model.save_pretrained(tmp_path, max_shard_size=20_000)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path, max_shard_size=20_000)
+    save_pretrained(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
 
 
@@ -186,7 +186,7 @@ def test_export_writes_generation_config_tokenizer_and_bf16(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "tokenizer")
     config = tiny_config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
     model = GPT(config)
-    model.save_pretrained(tmp_path, tokenizer=tokenizer, dtype=torch.bfloat16)
+    save_pretrained(model, tmp_path, tokenizer=tokenizer, dtype=torch.bfloat16)
     generation = json.loads((tmp_path / "generation_config.json").read_text())
     assert generation == {"eos_token_id": tokenizer.eos_token_id}
     assert AutoTokenizer.from_pretrained(tmp_path).encode("Emma Woodhouse") == tokenizer.encode("Emma Woodhouse")
@@ -203,7 +203,7 @@ def test_export_command_from_hf_directory(tmp_path, capsys):
     from flashlm.cli import main
 
     torch.manual_seed(0)
-    GPT(tiny_config()).save_pretrained(tmp_path / "src", tokenizer=str(REPO / "data" / "tokenizer"))
+    save_pretrained(GPT(tiny_config()), tmp_path / "src", tokenizer=str(REPO / "data" / "tokenizer"))
     assert main(["export", str(tmp_path / "src"), str(tmp_path / "out"), "--dtype", "float16"]) == 0
     assert "exported" in capsys.readouterr().out
     files, config, tensors = read_dir(tmp_path / "out")
@@ -216,7 +216,7 @@ def test_export_command_from_hf_directory(tmp_path, capsys):
 def test_export_command_from_training_checkpoint(tmp_path):
     from safetensors.torch import save_model
 
-    from flashlm.checkpoint import CheckpointManager
+    from flashlm.training.checkpoint import CheckpointManager
     from flashlm.cli import main
 
     torch.manual_seed(0)
@@ -254,13 +254,13 @@ def test_export_command_reports_bad_sources(tmp_path, gpt2_dir, capsys):
 def test_push_to_hub_offline_is_a_clear_error(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from flashlm.export import ExportConfig, main
+    from flashlm.hf.export import ExportArgs, main
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     torch.manual_seed(0)
-    GPT(tiny_config()).save_pretrained(tmp_path / "src")
+    save_pretrained(GPT(tiny_config()), tmp_path / "src")
     with pytest.raises(RuntimeError, match="offline mode is on .* export in .* is complete"):
-        main(ExportConfig(source=str(tmp_path / "src"), output_dir=str(tmp_path / "out"), push_to_hub="me/model"))
+        main(ExportArgs(source=str(tmp_path / "src"), output_dir=str(tmp_path / "out"), push_to_hub="me/model"))
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
@@ -281,7 +281,7 @@ def edit_config(directory, **changes):
 
 def test_non_llama_checkpoint_is_refused(gpt2_dir):
     with pytest.raises(UnsupportedCheckpointError, match="model_type='gpt2'"):
-        GPT.from_pretrained(gpt2_dir)
+        load_pretrained(gpt2_dir)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -297,7 +297,7 @@ def test_non_llama_checkpoint_is_refused(gpt2_dir):
 def test_unsupported_llama_features_are_refused(llama_dir, changes, message):
     edit_config(llama_dir, **changes)
     with pytest.raises(UnsupportedCheckpointError, match=message.replace("[", r"\[").replace("(", r"\(")):
-        GPT.from_pretrained(llama_dir)
+        load_pretrained(llama_dir)
 
 
 def test_missing_weights_are_named(llama_dir):
@@ -305,38 +305,38 @@ def test_missing_weights_are_named(llama_dir):
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, llama_dir / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\]"):
-        GPT.from_pretrained(llama_dir)
+        load_pretrained(llama_dir)
 
 
 def test_extra_layers_are_unexpected(llama_dir):
     edit_config(llama_dir, num_hidden_layers=1)
     with pytest.raises(ValueError, match=r"unexpected \['model.layers.1.input_layernorm.weight', .*9 in all"):
-        GPT.from_pretrained(llama_dir)
+        load_pretrained(llama_dir)
 
 
 def test_shape_mismatch_is_named(llama_dir):
     edit_config(llama_dir, intermediate_size=128)
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight has shape \(96, 64\), but config.json "
                                          r"implies \(128, 64\)"):
-        GPT.from_pretrained(llama_dir)
+        load_pretrained(llama_dir)
 
 
 def test_missing_files_are_named(tmp_path, llama_dir):
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        GPT.from_pretrained(tmp_path / "nowhere")
+        load_pretrained(tmp_path / "nowhere")
     (llama_dir / "model.safetensors").rename(llama_dir / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match=r"no model.safetensors .*pytorch_model.bin"):
-        GPT.from_pretrained(llama_dir)
+        load_pretrained(llama_dir)
 
 
 def test_missing_shard_is_named(tmp_path):
     torch.manual_seed(0)
-    GPT(tiny_config()).save_pretrained(tmp_path, max_shard_size=20_000)
+    save_pretrained(GPT(tiny_config()), tmp_path, max_shard_size=20_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shard = sorted(set(index["weight_map"].values()))[1]
     (tmp_path / shard).unlink()
     with pytest.raises(FileNotFoundError, match=f"shard {shard}"):
-        GPT.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_from_hf_config_fills_llama_defaults_and_reads_token_ids():
@@ -421,7 +421,7 @@ def test_registered_attention_refuses_masks_it_cannot_express():
 def test_mask_hook_reads_packing_and_refuses_other_patterns():
     from transformers import masking_utils as mu
 
-    from flashlm.hf import hf_attention_mask
+    from flashlm.hf.attention import hf_attention_mask
 
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2]])
     packed = mu.find_packed_sequence_indices(position_ids)

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 from conftest import DEVICE
 from flashlm import GPT, GPTConfig
-from flashlm import memory
-from flashlm.memory import LiveTensorBytes
+from flashlm.model import checkpointing
+from flashlm.model.loss import liger_linear_cross_entropy
+from flashlm.profiling import LiveTensorBytes
 
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=96, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128,
@@ -204,7 +205,7 @@ def test_liger_loss_wiring(monkeypatch):
         calls.append((hidden.shape, weight.shape, targets))
         return F.cross_entropy(hidden @ weight.T, targets, ignore_index=ignore_index)
 
-    monkeypatch.setattr("flashlm.model.liger_linear_cross_entropy", fake_liger)
+    monkeypatch.setattr("flashlm.model.loss.liger_linear_cross_entropy", fake_liger)
     liger = run(dict(loss_chunk_size=8, loss_impl="liger"), ids, labels)
     (hidden_shape, weight_shape, targets), = calls
     assert hidden_shape == (2 * 33, 64) and weight_shape == (96, 64)
@@ -226,7 +227,7 @@ def test_liger_on_cpu_is_a_clear_error(monkeypatch):
 def test_liger_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel", None)
     with pytest.raises(ImportError, match="loss_impl='liger' needs liger-kernel"):
-        memory.liger_linear_cross_entropy(torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(2, dtype=torch.long), -100)
+        liger_linear_cross_entropy(torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(2, dtype=torch.long), -100)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: offload streams and liger-kernel")

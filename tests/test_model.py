@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import DEVICE
 from flashlm import GPT, GPTConfig
-from flashlm.model import chunked_linear_cross_entropy
+from flashlm.model.loss import chunked_linear_cross_entropy
 
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=96, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128)
@@ -90,7 +90,7 @@ def test_invalid_config_names_field_and_value(overrides, field):
 def test_attention_deterministic_reaches_the_kernel(monkeypatch):
     """GPTConfig.attention_deterministic is what every layer passes to flash_attn_func (the
     default True keeps the reproducible backward); the loss does not depend on it."""
-    import flashlm.model as model_module
+    import flashlm.model.model as model_module
     seen = []
     real = model_module.flash_attn_func
 

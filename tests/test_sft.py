@@ -4,7 +4,6 @@ few-step SFT recipe run that exports a model with its chat template.
 """
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import load_script
 from flashlm.data import (
     DataConfig,
     DataError,
@@ -21,17 +21,11 @@ from flashlm.data import (
     prepare_data,
     unigram_entropy,
 )
+from flashlm.hf import load_pretrained
+from flashlm.data.chat import DEFAULT_CHAT_TEMPLATE, prompt_ids, read_records, tokenize_record, use_chat_template
 from flashlm.model import IGNORE_INDEX
 from flashlm.recipe import RecipeError, recipe_from_dict
-from flashlm.sft import (
-    DEFAULT_CHAT_TEMPLATE,
-    exact_match,
-    greedy_generate,
-    prompt_ids,
-    read_records,
-    tokenize_record,
-    use_chat_template,
-)
+from flashlm.training.evaluate import exact_match, greedy_generate
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = str(REPO / "data" / "tokenizer")
@@ -175,13 +169,13 @@ def test_overlong_example_without_truncation_is_an_error(tmp_path, tok):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"truncation": True}, "truncation=True: applies to kind: sft only"),
-    ({"chat_template": "{{ x }}"}, "chat_template='{{ x }}': applies to kind: sft only"),
-    ({"kind": "sft", "streaming": True}, "streaming=True: is not supported for kind: sft"),
-    ({"kind": "sft", "format": "parquet"}, "format='parquet': must be 'jsonl'"),
+    ({"truncation": True}, "data.truncation=True is invalid: applies to kind: sft only"),
+    ({"chat_template": "{{ x }}"}, "data.chat_template='{{ x }}' is invalid: applies to kind: sft only"),
+    ({"kind": "sft", "streaming": True}, "data.streaming=True is invalid: is not supported for kind: sft"),
+    ({"kind": "sft", "format": "parquet"}, "data.format='parquet' is invalid: must be 'jsonl'"),
 ])
 def test_sft_settings_are_checked(overrides, message):
-    with pytest.raises(DataError, match=message.replace("(", r"\(").replace("{", r"\{")):
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace("{", r"\{")):
         DataConfig(path="x.jsonl", tokenizer=TOKENIZER, **overrides)
 
 
@@ -207,11 +201,7 @@ def test_greedy_generate_matches_one_prompt_at_a_time():
 
 
 def test_shipped_dataset_is_what_the_generator_makes(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import make_sft_data
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    make_sft_data = load_script("data/make_sft_data")
     assert make_sft_data.main(["--out", str(tmp_path)]) == 0
     for name in ("train.jsonl", "test.jsonl"):
         assert (tmp_path / name).read_bytes() == (REPO / "data" / "sft" / name).read_bytes()
@@ -244,7 +234,7 @@ def sft_recipe(tmp_path, name, data_path, **sections):
 
 
 def test_sft_requires_document_mask(tmp_path):
-    with pytest.raises(RecipeError, match="training.document_mask=False must be true for data.kind: sft"):
+    with pytest.raises(RecipeError, match="training.document_mask=False is invalid: must be true for data.kind: sft"):
         sft_recipe(tmp_path, "run", "x.jsonl", training={"document_mask": False})
 
 
@@ -254,7 +244,7 @@ def test_sft_recipe_trains_exports_and_fine_tunes_again(tmp_path, capsys):
     from transformers import AutoTokenizer
 
     from flashlm import GPT
-    from flashlm.train import main
+    from flashlm.training.train import main
 
     lines = (REPO / "data" / "sft" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:160]
     data_path = write_jsonl(tmp_path / "train.jsonl", lines)
@@ -268,7 +258,7 @@ def test_sft_recipe_trains_exports_and_fine_tunes_again(tmp_path, capsys):
     export = Path(summary["export_dir"])
     hf_tok = AutoTokenizer.from_pretrained(export)
     assert hf_tok.chat_template == DEFAULT_CHAT_TEMPLATE
-    model = GPT.from_pretrained(export, attn_backend="sdpa")
+    model = load_pretrained(export, attn_backend="sdpa")
     tests = read_records([REPO / "data" / "sft" / "test.jsonl"])[:6]
     accuracy, results = exact_match(model, hf_tok, tests, use_chat_template(hf_tok), max_new_tokens=4)
     assert 0 <= accuracy <= 1 and len(results) == 6 and results[0]["prompt"].endswith("<|assistant|>\n")

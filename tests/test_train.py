@@ -16,9 +16,10 @@ import pytest
 import torch
 import yaml
 
-from flashlm.checkpoint import CheckpointManager, load_model
 from flashlm.recipe import RecipeError, ScheduleConfig, load_recipe, recipe_from_dict
-from flashlm.train import StartError, lr_at, main
+from flashlm.training.checkpoint import CheckpointManager, load_model
+from flashlm.training.optim import lr_at
+from flashlm.training.train import StartError, main
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = str(REPO / "data" / "tokenizer")
@@ -85,7 +86,7 @@ def snapshot(root):
 
 
 def test_cli_end_to_end(make_recipe):
-    """`python -m flashlm.train` trains, evaluates, checkpoints (keeping the last 2) and exports
+    """`python -m flashlm.training.train` trains, evaluates, checkpoints (keeping the last 2) and exports
     a directory that transformers loads; its loss on the eval split is the one the run logged.
     wandb is never imported when it is not a tracker."""
     from transformers import AutoModelForCausalLM
@@ -94,7 +95,7 @@ def test_cli_end_to_end(make_recipe):
 
     cfg, path = make_recipe()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-X", "importtime", "-m", "flashlm.train", str(path), "--training.steps=4",
+    cmd = [sys.executable, "-X", "importtime", "-m", "flashlm.training.train", str(path), "--training.steps=4",
            "--ckpt_every=1", "--keep_last=2", "--log_every=1", "--export.enabled=true"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -284,10 +285,10 @@ def test_tokenizer_larger_than_vocab(make_recipe):
         (["--training.stpes=3"], r"unknown key in section 'training': 'training.stpes' \(did you mean 'steps'\?\)"),
         (["--trainng.steps=3"], r"unknown section: 'trainng' \(did you mean 'training'\?\)"),
         (["--model.hiden_size=3"], r"'model.hiden_size' \(did you mean 'hidden_size'\?\).*num_hidden_layers"),
-        (["--optim.lr=fast"], r"optim.lr: 'fast' is not a float"),
-        (["--schedule.kind=linear"], r"schedule.kind: 'linear' is not one of 'cosine', 'wsd', 'constant'"),
+        (["--optim.lr=fast"], r"optim.lr='fast' is invalid: expected a float"),
+        (["--schedule.kind=linear"], r"schedule.kind='linear' is invalid: expected one of 'cosine', 'wsd', 'constant'"),
         (["--seed=1"], r"--seed is ambiguous; write one of --data.seed, --training.seed"),
-        (["--training.steps=1"], r"schedule.warmup_steps=2 must not exceed training.steps=1"),
+        (["--training.steps=1"], r"schedule.warmup_steps=2 is invalid: must not exceed training.steps=1"),
     ],
     ids=["misspelled-key", "misspelled-section", "model-field", "bad-float", "bad-choice", "ambiguous", "cross-field"],
 )

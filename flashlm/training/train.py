@@ -1,0 +1,404 @@
+"""Train or fine-tune a flashlm model from a recipe, through Hugging Face Accelerate.
+
+    flashlm train recipes/debug_cpu.yaml --training.steps=100
+    python -m flashlm.training.train recipes/debug_cpu.yaml
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml -m flashlm.training.train recipes/100m_4k.yaml
+
+``main(cfg)`` first checks everything that can be wrong with the inputs (recipe, model,
+context length, output directory, tokenizer, data) and raises ``StartError`` before it
+writes anything, so a failed start never touches an existing run. Then it trains:
+
+    at step 0:   evaluate (the untrained baseline)
+    every step:  ``grad_accum_steps`` micro-steps of forward/backward -> clip the global grad
+                 norm -> AdamW step -> log loss, lr, tokens/s, MFU and peak memory ->
+                 evaluate (every ``eval_every`` steps and at the end) -> checkpoint (every
+                 ``ckpt_every`` steps and at the end)
+    at the end:  export to a Hugging Face directory if the recipe asks.
+
+Metrics always go to ``<output_dir>/metrics.jsonl`` (one JSON object per line, keyed by
+``step``); ``logging.trackers`` adds wandb and/or tensorboard. A resumed run continues
+exactly where its checkpoint left off: same data, same RNG, same losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from flashlm import data as flashlm_data
+from flashlm.data.packing import model_inputs
+from flashlm.hf.convert import save_pretrained
+from flashlm.model import GPT, GPTConfig
+from flashlm.recipe import Recipe, RecipeError, load_recipe, trajectory_diff, valid_keys
+from flashlm.training.checkpoint import (
+    TRAINER_STATE,
+    CheckpointManager,
+    load_model,
+    read_json,
+    read_recipe,
+    resolve_checkpoint,
+)
+from flashlm.training.evaluate import evaluate
+from flashlm.training.optim import build_optimizer, lr_at
+
+
+class StartError(Exception):
+    """The run cannot start: bad inputs, found before anything was written."""
+
+
+# Dense bf16 tensor-core peaks, FLOP/s per device, for MFU.
+_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device: torch.device, cfg: Recipe) -> float | None:
+    """Per-device peak FLOP/s that MFU is measured against, or None when unknown (e.g. CPU)."""
+    if cfg.logging.peak_tflops is not None:
+        return cfg.logging.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in _PEAK_BF16.items() if key in name), None)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``path``. On resume, records past ``keep_through``
+    (written by the interrupted run after its checkpoint) are dropped first."""
+
+    def __init__(self, path: Path, keep_through: int):
+        self.path = path
+        kept = []
+        if keep_through > 0 and path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= keep_through]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@dataclass
+class Run:
+    """Everything ``setup`` checked and built: the training loop's inputs."""
+
+    cfg: Recipe
+    accelerator: Any
+    model: Any
+    optimizer: torch.optim.Optimizer
+    tokenizer: Any
+    data: Any
+    train_loader: Any
+    checkpoints: CheckpointManager
+    resume_from: Path | None
+    unigram_entropy: float
+
+
+def setup(cfg: Recipe) -> Run:
+    """Check every input and build model, optimizer and data. Writes nothing to ``output_dir``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    t = cfg.training
+    accelerator = Accelerator(
+        cpu=t.cpu,
+        mixed_precision=_mixed_precision(t),
+        log_with=cfg.logging.trackers or None,
+        project_dir=cfg.output_dir,
+    )
+    set_seed(t.seed)
+    try:
+        tokenizer = flashlm_data.load_tokenizer(cfg.data.tokenizer)
+        model = build_model(cfg, tokenizer)
+        rope_max = model.config.max_position_embeddings
+        if t.seq_len > rope_max:
+            raise StartError(
+                f"training.seq_len={t.seq_len} is above the model's max_position_embeddings={rope_max}, the "
+                "context its RoPE is configured for; lower training.seq_len or raise model.max_position_embeddings "
+                "(with rope_scaling if the model was trained shorter)"
+            )
+        checkpoints = CheckpointManager(Path(cfg.output_dir) / "checkpoints", t.keep_last)
+        resume_from = _find_resume(cfg, checkpoints)
+        with accelerator.main_process_first():
+            data = flashlm_data.prepare_data(cfg.data, tokenizer, seq_len=t.seq_len)
+        accelerator.print(data.summary())
+        train_loader = flashlm_data.build_train_loader(
+            data, batch_size=t.micro_batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes
+        )
+        unigram = flashlm_data.unigram_entropy(data)
+    except (ValueError, OSError) as e:
+        raise StartError(str(e)) from e
+    model.to(accelerator.device)  # before the optimizer, so fused AdamW sees device parameters
+    optimizer = build_optimizer(model, cfg, fused=accelerator.device.type == "cuda")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return Run(cfg, accelerator, model, optimizer, tokenizer, data, train_loader, checkpoints, resume_from, unigram)
+
+
+def build_model(cfg: Recipe, tokenizer):
+    """A fresh model from ``model.preset``, or the weights ``init_from`` names (a Hugging Face
+    Llama directory, a flashlm checkpoint or run directory), with ``model`` overrides applied.
+    A fresh model takes its bos/eos/pad ids from the tokenizer unless the recipe sets them.
+    Raises ``DataError`` when the tokenizer has more tokens than the model's vocabulary."""
+    overrides = cfg.model.overrides
+    if cfg.init_from is None:
+        config = GPTConfig.from_preset(cfg.model.preset, **overrides)
+        flashlm_data.check_tokenizer_fits(tokenizer, config.vocab_size)
+        names = ("bos_token_id", "eos_token_id", "pad_token_id")
+        token_ids = {name: getattr(tokenizer, name) for name in names if getattr(tokenizer, name) is not None}
+        return GPT(GPTConfig.from_dict(config.to_dict() | token_ids | overrides))
+    try:
+        model = load_model(cfg.init_from, **overrides)
+    except FileNotFoundError as e:
+        raise StartError(f"init_from={cfg.init_from!r}: {e}") from e
+    flashlm_data.check_tokenizer_fits(tokenizer, model.config.vocab_size)
+    return model
+
+
+def main(cfg: Recipe) -> dict[str, Any]:
+    """Train according to ``cfg``. Returns a summary: final step, last train loss, eval loss
+    and perplexity, the corpus's unigram entropy (nats/token), wall time, export directory."""
+    start_time = time.perf_counter()
+    run = setup(cfg)
+    accelerator, model, optimizer, train_loader = run.accelerator, run.model, run.optimizer, run.train_loader
+    t, out = cfg.training, Path(cfg.output_dir)
+    step, tokens_seen = 0, 0
+    if run.resume_from is not None:
+        accelerator.load_state(str(run.resume_from))
+        state = read_json(run.resume_from / TRAINER_STATE)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        train_loader.load_state_dict(state["data"])
+        before = read_recipe(run.resume_from)["training"]["steps"]
+        if before != t.steps:
+            accelerator.print(f"training.steps changed from {before} to {t.steps}: the schedule now spans {t.steps} steps")
+
+    # Inputs are valid: from here on the run writes into its output directory.
+    metrics = None
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        metrics = MetricsLog(out / "metrics.jsonl", keep_through=step)
+    _start_trackers(accelerator, cfg)
+    unwrapped = accelerator.unwrap_model(model)
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * accelerator.num_processes
+    flops_per_token = unwrapped.flops_per_token(t.seq_len)
+    peak = peak_flops(accelerator.device, cfg)
+    last_step = t.stop_at_step or t.steps
+    accelerator.print(
+        f"resolved recipe:\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}"
+        f"model: {unwrapped.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
+        f"{tokens_per_step} tokens/step on {accelerator.num_processes} x {accelerator.device} "
+        f"({accelerator.mixed_precision} mixed precision)\n"
+        f"unigram entropy of the training tokens: {run.unigram_entropy:.3f} nats/token\n"
+        + (f"resuming from {run.resume_from} at step {step}" if run.resume_from else "starting at step 0")
+    )
+
+    def log(record: dict[str, Any]) -> None:
+        if metrics is not None:
+            metrics.write(record)
+        accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+    def run_eval() -> float:
+        loss = evaluate(model, _eval_batches(run), accelerator, t.eval_batches, t.document_mask)
+        log({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
+        accelerator.print(f"step {step}: eval loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f}")
+        return loss
+
+    def save_checkpoint() -> None:
+        trainer_state = {"step": step, "tokens_seen": tokens_seen, "data": train_loader.state_dict()}
+        staging = run.checkpoints.staging_path(step)
+        if accelerator.is_main_process:
+            run.checkpoints.clear_staging(step)
+        accelerator.wait_for_everyone()
+        # Tied embeddings are stored once by design; accelerate warns about it on every save.
+        with _log_level("accelerate.utils.other", logging.ERROR):
+            accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            run.checkpoints.commit(step, trainer_state, cfg.to_dict(), unwrapped.config.to_dict())
+        accelerator.wait_for_everyone()
+
+    progress = _progress_bar(cfg, accelerator, initial=step, total=last_step)
+    train_loss = None
+    eval_loss = run_eval() if step == 0 else None  # the untrained model's loss: ln(vocab) or so
+    window_start, window_tokens = time.perf_counter(), 0
+    while step < last_step:
+        lr = lr_at(step, cfg.optim.lr, cfg.schedule, t.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for micro in range(t.grad_accum_steps):
+            inputs = model_inputs(next(train_loader), t.document_mask, accelerator.device)
+            # Gradients are all-reduced only on the last micro-step of the accumulation.
+            sync = micro == t.grad_accum_steps - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                loss = model(**inputs).loss
+                accelerator.backward(loss / t.grad_accum_steps)
+            loss_sum += loss.detach()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+        window_tokens += tokens_per_step
+        progress.update(1)
+
+        if step % cfg.logging.log_every == 0 or step == last_step:
+            train_loss = accelerator.reduce(loss_sum / t.grad_accum_steps, reduction="mean").item()
+            tokens_per_s = window_tokens / (time.perf_counter() - window_start)
+            mfu = flops_per_token * tokens_per_s / (peak * accelerator.num_processes) if peak else None
+            log({
+                "step": step, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
+                "tokens_seen": tokens_seen, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                "peak_mem_gb": peak_memory_gb(accelerator.device),
+            })
+            progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            window_start, window_tokens = time.perf_counter(), 0
+        # Evaluate before saving, so a resumed run never owes its checkpoint's step an evaluation.
+        paused = time.perf_counter()
+        if step == t.steps or (t.eval_every and step % t.eval_every == 0):
+            eval_loss = run_eval()
+        if step == last_step or (t.ckpt_every and step % t.ckpt_every == 0):
+            save_checkpoint()
+        window_start += time.perf_counter() - paused  # tokens/s counts training time only
+    progress.close()
+
+    if eval_loss is None and step == t.steps:  # resumed a finished run: report its final loss
+        eval_loss = run_eval()
+    export_dir = None
+    if cfg.export.enabled and step == t.steps:
+        export_dir = cfg.export_dir
+        if accelerator.is_main_process:
+            save_pretrained(unwrapped, export_dir, tokenizer=run.tokenizer)
+            accelerator.print(f"exported a Hugging Face model to {export_dir}")
+        accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+    summary = {
+        "step": step, "train_loss": train_loss, "eval_loss": eval_loss,
+        "eval_ppl": None if eval_loss is None else math.exp(min(eval_loss, 50.0)),
+        "unigram_entropy": run.unigram_entropy, "wall_time_s": time.perf_counter() - start_time,
+        "output_dir": str(out), "export_dir": None if export_dir is None else str(export_dir),
+    }
+    if step == t.steps:
+        accelerator.print(
+            f"final eval loss {eval_loss:.3f} nats/token vs unigram entropy of the corpus "
+            f"{run.unigram_entropy:.3f} nats/token ({summary['wall_time_s']:.0f} s)"
+        )
+    return summary
+
+
+def _mixed_precision(t) -> str:
+    if t.mixed_precision != "auto":
+        return t.mixed_precision
+    on_gpu = torch.cuda.is_available() and not t.cpu
+    return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+
+
+@contextlib.contextmanager
+def _log_level(name: str, level: int):
+    logger = logging.getLogger(name)
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def _find_resume(cfg: Recipe, checkpoints: CheckpointManager) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh start; refuses to mix two runs."""
+    existing = checkpoints.complete()
+    if cfg.resume is False:
+        if existing:
+            raise StartError(
+                f"output_dir {cfg.output_dir} already holds checkpoints of a run "
+                f"(steps {', '.join(str(s) for s, _ in existing)}); pass --resume to continue that run, "
+                "or choose another output_dir. Nothing was changed."
+            )
+        return None
+    if cfg.resume is True:
+        if not existing:
+            raise StartError(f"--resume: no complete checkpoint in {checkpoints.root}")
+        path = existing[-1][1]
+    else:
+        try:
+            path = resolve_checkpoint(cfg.resume)
+        except FileNotFoundError as e:
+            raise StartError(f"--resume={cfg.resume}: {e}") from e
+    recipe = cfg.to_dict()
+    for other in {path, *(p for _, p in existing[-1:])}:
+        diff = trajectory_diff(read_recipe(other), recipe)
+        if diff:
+            raise StartError(
+                f"cannot resume: {other} belongs to a run whose recipe differs in {', '.join(diff)}; "
+                "resume with the same recipe (only steps, stop_at_step, eval/checkpoint cadence, logging "
+                "and export may change) or choose another output_dir. Nothing was changed."
+            )
+    return path
+
+
+def _eval_batches(run: Run):
+    t, acc = run.cfg.training, run.accelerator
+    return flashlm_data.build_eval_loader(run.data, batch_size=t.micro_batch_size, rank=acc.process_index, world_size=acc.num_processes)
+
+
+def _start_trackers(accelerator, cfg: Recipe) -> None:
+    if not cfg.logging.trackers:
+        return
+    run_name = cfg.logging.run_name or Path(cfg.output_dir).resolve().name
+    # Tracker configs want scalars: flatten the recipe and stringify lists and None.
+    flat = {}
+    for section, value in cfg.to_dict().items():
+        for key, v in (value.items() if isinstance(value, dict) else [("", value)]):
+            flat[f"{section}.{key}" if key else section] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    init_kwargs = {"wandb": {"mode": cfg.logging.wandb_mode, "name": run_name, "dir": cfg.output_dir}}
+    accelerator.init_trackers(cfg.logging.project, config=flat, init_kwargs=init_kwargs)
+
+
+def _progress_bar(cfg: Recipe, accelerator, initial: int, total: int):
+    from tqdm.auto import tqdm
+
+    disable = not (cfg.logging.progress_bar and accelerator.is_main_process)
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=disable, dynamic_ncols=True)
+
+
+USAGE = """usage: flashlm train RECIPE.yaml [--section.key=value ...] [--resume[=CHECKPOINT]]
+
+Train from a YAML recipe; overrides use the recipe's keys, e.g. --training.steps=100,
+--optim.lr=1e-3, or --steps=100 when the key name is unique."""
+
+
+def cli(argv: list[str]) -> int:
+    """Parse ``RECIPE.yaml [--key=value ...]``, then run ``main``. Returns the exit code."""
+    if not argv or argv[0] in ("-h", "--help"):
+        keys = "\n".join(f"  {section or '(top level)'}: {', '.join(names)}" for section, names in valid_keys().items())
+        print(f"{USAGE}\n\nrecipe keys:\n{keys}")
+        return 0 if argv else 2
+    try:
+        cfg = load_recipe(argv[0], argv[1:])
+        main(cfg)
+    except (RecipeError, StartError) as e:
+        print(f"flashlm train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))
