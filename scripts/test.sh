@@ -5,7 +5,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/setup_env.sh"
 cd "$root"
 set +e
-"$FLASHLM_PY" -m pytest -q "$@"
+# PYTHONSAFEPATH keeps python -m from putting the repository root first on sys.path: the tests
+# import flashlm as installed (kernels/ mapped to flashlm.kernels by pyproject.toml), as users do.
+PYTHONSAFEPATH=1 "$FLASHLM_PY" -m pytest -q "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

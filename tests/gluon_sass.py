@@ -13,8 +13,7 @@ import tempfile
 import torch
 import triton
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from flashlm.kernels.attention import hopper_bwd, hopper_fwd  # noqa: E402
+from flashlm.kernels.attention import hopper_bwd, hopper_fwd
 
 
 def skip(reason):

@@ -4,8 +4,8 @@ model with ``fused_ops="triton"`` against its PyTorch path.
 Runs under the Triton interpreter on CPU (fp16 and fp32) and natively on CUDA, where bf16 is
 added. Tolerance follows the house rule: the kernel's error against the fp64 reference may be
 at most twice that of plain PyTorch computing the same op in the same low precision, plus a few
-units in the last place of the output dtype. Every output buffer is NaN-filled before the
-kernel writes it.
+units in the last place of the output dtype (``numerics.assert_no_worse_than_torch``). Every
+output buffer is NaN-filled before the kernel writes it.
 """
 
 import importlib
@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from conftest import DEVICE
+from numerics import assert_no_worse_than_torch, eps
 from flashlm import GPT, GPTConfig
-from flashlm.kernels import rowwise
+from flashlm.kernels import utils as kernel_utils
 from flashlm.kernels.rms_norm import rms_norm, rms_norm_reference
 from flashlm.kernels.rope import rotary_embedding, rotary_reference
 from flashlm.kernels.swiglu import swiglu, swiglu_reference
-from flashlm.model import apply_rotary, fused_ops_enabled
+from flashlm.model.model import apply_rotary, fused_ops_enabled
 
 # The launchers live in modules named like the public functions the packages export.
 rms_norm_module = importlib.import_module("flashlm.kernels.rms_norm.rms_norm")
@@ -29,7 +30,6 @@ rope_module = importlib.import_module("flashlm.kernels.rope.rope")
 ON_GPU = DEVICE == "cuda"
 # The interpreter rounds fp32 -> bf16 toward zero (and its bf16 dot is wrong): bf16 on the GPU.
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
-ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23}
 EPS = 1e-5
 
 
@@ -45,17 +45,6 @@ def _randn(gen, *shape, dtype, scale=1.0, shift=0.0):
     return (torch.randn(*shape, generator=gen) * scale + shift).to(device=DEVICE, dtype=dtype)
 
 
-def _check(name, got, ref64, low, dtype):
-    """``got`` no worse than twice plain PyTorch's error in ``dtype`` (``low``) against the fp64
-    reference, plus four ulps of the reference's magnitude."""
-    assert not torch.isnan(got).any(), f"{name}: NaN in the output (an unwritten element?)"
-    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
-    err = (got.double() - ref64).abs().max().item()
-    low_err = (low.double() - ref64).abs().max().item()
-    bound = 2 * low_err + 4 * ULP[dtype] * max(ref64.abs().max().item(), 1.0)
-    assert err <= bound, f"{name}: max error {err:.3e} exceeds {bound:.3e}"
-
-
 def _reference(fn, inputs, grad_out, dtype):
     """Outputs and input gradients of the reference ``fn`` computed in ``dtype``."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
@@ -69,7 +58,7 @@ def _compare(names, got, fn, inputs, grad_out, dtype):
     ref64 = _reference(fn, inputs, grad_out, torch.float64)
     low = _reference(fn, inputs, grad_out, dtype)
     for name, g, r, lo in zip(names, got, [*ref64[0], *ref64[1]], [*low[0], *low[1]]):
-        _check(name, g, r, lo, dtype)
+        assert_no_worse_than_torch(name, g, r, lo, dtype)
 
 
 # --- RMSNorm --------------------------------------------------------------------------------
@@ -114,7 +103,7 @@ def test_rms_norm_low_precision_input_fp32_weight(dtype):
     ref_y = rms_norm_reference(*ref, EPS)
     ref_grads = torch.autograd.grad(ref_y, ref, dy.double())
     torch.testing.assert_close(y.double(), ref_y, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dx.double(), ref_grads[0], rtol=2 * ULP[dtype], atol=4 * ULP[dtype])
+    torch.testing.assert_close(dx.double(), ref_grads[0], rtol=2 * eps(dtype), atol=4 * eps(dtype))
     torch.testing.assert_close(dweight.double(), ref_grads[1], rtol=1e-5, atol=1e-4)
 
 
@@ -143,7 +132,7 @@ def test_rms_norm_strided_and_batched_inputs():
     gen = torch.Generator().manual_seed(5)
     wide = _randn(gen, 40, 77, dtype=torch.float32)
     x = wide[:, 5:69]
-    assert x.stride(0) == 77 and rowwise.as_rows(x).data_ptr() == x.data_ptr()
+    assert x.stride(0) == 77 and kernel_utils.as_rows(x).data_ptr() == x.data_ptr()
     weight = _randn(gen, 64, dtype=torch.float32, shift=1.0)
     dy = _randn(gen, 40, 64, dtype=torch.float32)
     got = _rms_poisoned(x, weight, dy)
@@ -189,7 +178,7 @@ def test_swiglu_strided_rows_and_leading_dims():
     gen = torch.Generator().manual_seed(8)
     wide = _randn(gen, 17, 2 * 40 + 9, dtype=torch.float16, scale=2.0)
     gate_up = wide[:, :80]
-    assert rowwise.as_rows(gate_up).data_ptr() == gate_up.data_ptr()
+    assert kernel_utils.as_rows(gate_up).data_ptr() == gate_up.data_ptr()
     dout = _randn(gen, 17, 40, dtype=torch.float16)
     _compare(("out", "d_gate_up"), _swiglu_poisoned(gate_up, dout), swiglu_reference, (gate_up,),
              (dout,), torch.float16)
@@ -208,7 +197,7 @@ def test_swiglu_strided_rows_and_leading_dims():
 # --- RoPE -----------------------------------------------------------------------------------
 
 def _tables(gen, batch, seqlen, head_dim):
-    """cos/sin as flashlm.model.RotaryEmbedding makes them, for random positions per row."""
+    """cos/sin as flashlm.model.model.RotaryEmbedding makes them, for random positions per row."""
     positions = torch.randint(0, 4096, (batch, seqlen), generator=gen).float()
     inv_freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
     freqs = positions[..., None] * inv_freq
@@ -260,7 +249,7 @@ def test_rope(shape, dtype):
 
 
 def test_rope_matches_the_model_through_autograd():
-    """rotary_embedding matches flashlm.model.apply_rotary (fp32 math, one rounding) on views
+    """rotary_embedding matches flashlm.model.model.apply_rotary (fp32 math, one rounding) on views
     of one q|k|v product, gradient included: bit for bit under the interpreter, within an ulp
     where the GPU compiler may fuse a multiply-add."""
     gen = torch.Generator().manual_seed(2)
@@ -277,7 +266,7 @@ def test_rope_matches_the_model_through_autograd():
         outs = rotary_embedding(q, k, cos, sin) if fused else (apply_rotary(q, cos, sin), apply_rotary(k, cos, sin))
         results.append((*outs, *torch.autograd.grad(outs, leaf, (dq, dk))))
     for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=ULP[torch.float16], atol=ULP[torch.float16])
+        torch.testing.assert_close(a, b, rtol=eps(torch.float16), atol=eps(torch.float16))
 
 
 # --- shared properties ----------------------------------------------------------------------
@@ -360,7 +349,7 @@ def test_bad_input(case):
 
 def test_cpu_tensors_rejected_without_interpreter(monkeypatch):
     """When Triton cannot run CPU tensors, the error says so and names the way out."""
-    monkeypatch.setattr(rowwise, "is_interpreted", lambda kernel: False)
+    monkeypatch.setattr(kernel_utils, "is_interpreted", lambda kernel: False)
     x = torch.randn(2, 8)
     for call in (lambda: rms_norm(x, torch.ones(8), EPS), lambda: swiglu(x),
                  lambda: rotary_embedding(x.view(1, 2, 1, 8), x.view(1, 2, 1, 8), x[:, :4].reshape(1, 2, 1, 4),
@@ -406,7 +395,7 @@ def test_auto_on_cpu_never_calls_a_kernel(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a fused kernel ran for CPU inputs under fused_ops='auto'")
 
-    import flashlm.model as model_module
+    import flashlm.model.model as model_module
     for name in ("rms_norm", "swiglu", "rotary_embedding"):
         monkeypatch.setattr(model_module, name, refuse)
     ids = _batch()
@@ -425,7 +414,7 @@ def test_model_fused_matches_torch_in_fp32():
 
 
 def test_model_fused_through_the_memory_levers():
-    """flashlm.memory calls the norm, attention and MLP modules itself. Checkpointing
+    """flashlm.model.checkpointing calls the norm, attention and MLP modules itself. Checkpointing
     recomputes the same kernels on the same inputs: bit-identical gradients on the CPU (on
     CUDA, SDPA's backward may sum in another order). With every lever (bf16 offloaded inputs,
     chunked MLP, chunked loss) the loss is unchanged up to summation order, and the gradients

@@ -29,14 +29,15 @@ Layouts
     Varlen (packed documents): q (total_q, nheads, head_dim); k, v (total_k, nheads_k, head_dim);
     ``cu_seqlens`` int32 (num_docs + 1,) cumulative offsets; lse (nheads, total_q).
     lse is fp32 and in natural log. Any strides with a unit last-dimension stride are used
-    in place.
+    in place; the gradient of lse is taken in whatever layout autograd hands over.
 
 Semantics (FlashAttention-2 >= 2.1)
     GQA/MQA: query head h reads key/value head h // (nheads // nheads_k), without copies.
     Masks are aligned bottom-right (per document for varlen): with d = seqlen_k - seqlen_q,
     query i sees key j iff j <= i + d + right (right = 0 when causal) and j >= i + d - left,
     where ``window_size = (left, right)`` and -1 means unbounded. A query row that sees no key
-    gets out = 0 and lse = +inf (zero gradient).
+    gets out = 0 and lse = +inf (zero gradient). softmax_scale must be positive and finite
+    (the online softmax takes each row's maximum from the unscaled scores).
 
 dtypes
     fp16 and bf16 (fp32 accumulation); fp32 inputs use IEEE fp32 dot products.
@@ -57,10 +58,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..utils import (LOG2E, check_float_tensor, check_runnable, device_ctx, is_interpreted,
+                     unit_last)
 from . import hopper_bwd, hopper_fwd
 
-_LOG2E = 1.4426950408889634
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
@@ -494,10 +495,6 @@ def _attn_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------
 # Host side: configurations, launchers, autograd, public functions.
 
-def _is_interpreted(kernel):
-    return type(kernel).__name__ == "InterpretedFunction"
-
-
 def _seq_bucket(seqlen):
     """Autotuning key: sequence lengths rounded to powers of two, so a 1K..128K sweep tunes
     once per octave rather than once per length. Past 128K the best tiles no longer change
@@ -508,13 +505,14 @@ def _seq_bucket(seqlen):
 
 def _configs(kind):
     """Short autotune lists, one per kernel, chosen on an H100 (triton 3.6, TMA loads) from wider
-    sweeps (`scripts/bench_attention.py --explore`; kernels/attention/NOTES.md v2 and v5).
+    sweeps (`scripts/bench/attention.py --explore`; kernels/attention/NOTES.md v2 and v5).
 
     Forward: 128x128 tiles with 8 warps win at head dim 128; at head dim 64, 4 warps over
     64x128 (causal) or 128x128 tiles. dK/dV: 64 query rows per step over 128-key tiles with 8
     warps at head dim 128, 64x64 or 32x64 with 4 warps at head dim 64. dQ: the mirror image.
-    The last entry, two stages deep, is the fallback that `_prune_for` keeps for head dim 256 and
-    fp32, which load through pointers (see `_use_tma`).
+    The last entry, two stages deep, is the fallback that `_prune` keeps for head dim 256 and
+    fp32, which load through pointers (see `_use_tma`); with TMA, `_prune` drops the 4-warp
+    2-stage entries, which ptxas (triton 3.6) crashes on.
     """
     def c(block_m, block_n, num_warps, num_stages):
         return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps,
@@ -553,21 +551,23 @@ def _use_tma(*tensors):
     """Whether the inner loops load these tensors through TMA tensor descriptors: on a GPU with
     the tensor memory accelerator (compute capability 9.0 or newer), with 16-byte aligned
     bases and every stride but the last a multiple of 16 bytes (the copy engine's rules), for
-    fp16/bf16 and head dims up to 128, the cases the tuned lists were measured on."""
+    fp16/bf16 and head dims up to 128, the cases the tuned lists were measured on. A tensor
+    with a zero stride (a broadcast, such as the gradient of ``out.sum()``) takes pointers."""
     first = tensors[0]
     if not first.is_cuda or torch.cuda.get_device_capability(first.device)[0] < 9:
         return False
     if first.element_size() != 2 or first.shape[-1] > 128:
         return False
-    return all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+    return all(t.data_ptr() % 16 == 0
+               and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
                for t in tensors)
 
 
 def _tma_for(pb, *tensors):
     """`_use_tma` on the autotuned path only (and under the interpreter, where tests force it):
     with triton 3.6, ptxas crashes compiling the fixed short-sequence tiles with descriptors,
-    while the tuner skips any configuration that fails to compile."""
-    tuned_path = pb.bucket >= _AUTOTUNE_MIN_SEQ or _is_interpreted(_attn_fwd_kernel)
+    while `_prune` keeps the configurations it crashes on out of the tuned lists."""
+    tuned_path = pb.bucket >= _AUTOTUNE_MIN_SEQ or is_interpreted(_attn_fwd_kernel)
     return tuned_path and _use_tma(*tensors)
 
 
@@ -582,20 +582,26 @@ def _descriptors(use_tma, *tensors):
                  for t in views)
 
 
-def _prune_for(kind):
-    """The tuner's pre-pruning for ``kind``: drop tiles that cannot fit in shared memory at
-    large head dims or in fp32, and, with TMA, the 4-warp 2-stage configurations of the forward
-    and dQ kernels: ptxas (triton 3.6) crashes on them (seen on the H100), which the tuner
-    survives but pays for in time."""
-    def prune(configs, named_args, **kwargs):
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        elem = named_args["Q"].element_size()
-        budget = 128 * 128 * 128 * 2 // (block_d * elem)  # BLOCK_M * BLOCK_N that fits
-        kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= budget]
-        if kwargs.get("USE_TMA") and kind in ("fwd", "dq"):
-            kept = [cfg for cfg in kept if (cfg.num_warps, cfg.num_stages) != (4, 2)] or kept
-        return kept or configs[-1:]
-    return prune
+# (num_warps, num_stages) of the tiles that ptxas (triton 3.6, H100) crashes on (SIGSEGV) when
+# the inner loop loads through tensor descriptors: the forward's and dQ's autotune entries
+# (NOTES.md, v4) and the fixed short-sequence tiles of all three kernels, dK/dV's included,
+# are all 4 warps deep 2 stages. The tuner survives a failed compile, but triton prints the
+# whole PTX of each (thousands of lines on a cold cache) and the compile time is lost.
+_PTXAS_CRASHES_WITH_TMA = (4, 2)
+
+
+def _prune(configs, named_args, **kwargs):
+    """The tuners' pre-pruning: drop tiles that cannot fit in shared memory at large head dims
+    or in fp32, and, with TMA, the configurations ptxas crashes on (`_PTXAS_CRASHES_WITH_TMA`)
+    in every kernel; the last entry is the fallback when nothing else is left."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    elem = named_args["Q"].element_size()
+    budget = 128 * 128 * 128 * 2 // (block_d * elem)  # BLOCK_M * BLOCK_N that fits
+    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= budget]
+    if kwargs.get("USE_TMA"):
+        kept = [cfg for cfg in kept
+                if (cfg.num_warps, cfg.num_stages) != _PTXAS_CRASHES_WITH_TMA] or kept
+    return kept or configs[-1:]
 
 
 _TUNE_KEYS = ["HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "VARLEN", "seq_bucket", "DOT_PREC", "USE_TMA"]
@@ -603,7 +609,7 @@ _TUNE_KEYS = ["HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "VARLEN", "seq_bucket", "DO
 
 def _autotuned(kind, kernel):
     return triton.autotune(_configs(kind), key=_TUNE_KEYS,
-                           prune_configs_by={"early_config_prune": _prune_for(kind)})(kernel)
+                           prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
 _fwd_tuned = _autotuned("fwd", _attn_fwd_kernel)
@@ -631,7 +637,7 @@ def _launch(kind, tuned, grid_fn, *args, seq_bucket, descs, **meta):
     """Launch ``kind`` with the interpreter's blocks, the fixed short-sequence configuration or
     the autotuner; ``descs`` are the kernel's DESC_A and DESC_B, already among ``args``."""
     q = args[0]
-    if _is_interpreted(tuned.fn):
+    if is_interpreted(tuned.fn):
         block_m, block_n = _INTERPRET_BLOCKS[kind]
         options = {}
     elif seq_bucket < _AUTOTUNE_MIN_SEQ:
@@ -644,11 +650,6 @@ def _launch(kind, tuned, grid_fn, *args, seq_bucket, descs, **meta):
         _set_tma_boxes(kind, descs, block_m, block_n, meta["BLOCK_D"])
     grid = grid_fn({"BLOCK_M": block_m, "BLOCK_N": block_n})
     tuned.fn[grid](*args, seq_bucket, BLOCK_M=block_m, BLOCK_N=block_n, **options, **meta)
-
-
-
-def _unit_last(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 class _Problem:
@@ -698,18 +699,6 @@ def _strides(t):
     return 0, t.stride(0), t.stride(1)
 
 
-def _device_ctx(t):
-    return torch.cuda.device(t.device) if t.is_cuda else _nullctx()
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _cu_args(pb, cu_q, cu_k, fallback):
     return (cu_q, cu_k) if pb.varlen else (fallback, fallback)
 
@@ -746,7 +735,7 @@ def _flash_fwd_impl(q, k, v, cu_q, cu_k, pb, out=None, lse=None):
         return out.zero_(), lse
 
     if _gluon_forward(q, k, v, out, pb):
-        with _device_ctx(q):
+        with device_ctx(q):
             # Only full attention and the causal mask are left: a right mask means causal.
             return hopper_fwd.hopper_fwd(q, k, v, out, lse, pb.scale, pb.meta["MASK_RIGHT"])
 
@@ -755,12 +744,12 @@ def _flash_fwd_impl(q, k, v, cu_q, cu_k, pb, out=None, lse=None):
 
     use_tma = _tma_for(pb, k, v)
     descs = _descriptors(use_tma, k, v)
-    with _device_ctx(q):
+    with device_ctx(q):
         _launch(
             "fwd", _fwd_tuned, grid,
             q, k, v, out, lse, *_cu_args(pb, cu_q, cu_k, lse), *descs,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), *pb.lse_strides,
-            pb.nheads, pb.seqlen_q, pb.seqlen_k, pb.nheads // pb.nheads_k, pb.scale * _LOG2E,
+            pb.nheads, pb.seqlen_q, pb.seqlen_k, pb.nheads // pb.nheads_k, pb.scale * LOG2E,
             pb.left, pb.right, seq_bucket=pb.bucket, descs=descs, USE_TMA=use_tma, **pb.meta,
         )
     return out, lse
@@ -778,8 +767,12 @@ def _gluon_backward(q, k, v, out, dout, dk, dv, pb):
 
 def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, pb, grads=None):
     """Launch the backward. ``grads=(dq, dk, dv)`` may be passed in preallocated. A problem
-    built with ``deterministic=False`` lets Hopper GPUs take the fused kernel."""
-    dout = _unit_last(dout)
+    built with ``deterministic=False`` lets Hopper GPUs take the fused kernel. ``dlse`` may come
+    in any layout autograd hands over (a broadcast from ``lse.sum()``, a transposed view): the
+    kernels read it, like lse, as a contiguous (batch, heads, seqlen) or (heads, total) tensor."""
+    dout = unit_last(dout)
+    if dlse is not None:
+        dlse = dlse.contiguous()
     if grads is None:
         grads = (torch.empty(q.shape, dtype=q.dtype, device=q.device),
                  torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -790,8 +783,8 @@ def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, pb, grads=None):
     delta = torch.empty(pb.lse_shape, dtype=torch.float32, device=q.device)
     group = pb.nheads // pb.nheads_k
     cu = _cu_args(pb, cu_q, cu_k, delta)
-    with _device_ctx(q):
-        pre_block = 32 if _is_interpreted(_bwd_preprocess_kernel) else 64
+    with device_ctx(q):
+        pre_block = 32 if is_interpreted(_bwd_preprocess_kernel) else 64
         _bwd_preprocess_kernel[(triton.cdiv(pb.seqlen_q, pre_block), pb.batch * pb.nheads)](
             out, dout, dlse if dlse is not None else delta, delta, cu[0],
             *_strides(out), *_strides(dout), *pb.lse_strides, pb.nheads, pb.seqlen_q,
@@ -811,7 +804,7 @@ def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, pb, grads=None):
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
             *_strides(dv), *pb.lse_strides,
             pb.nheads, pb.nheads_k, pb.seqlen_q, pb.seqlen_k, group, pb.scale,
-            pb.scale * _LOG2E, pb.left, pb.right, seq_bucket=pb.bucket, descs=descs,
+            pb.scale * LOG2E, pb.left, pb.right, seq_bucket=pb.bucket, descs=descs,
             USE_TMA=use_tma, **pb.meta,
         )
         use_tma = _tma_for(pb, k, v)
@@ -822,7 +815,7 @@ def _flash_bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, pb, grads=None):
             q, k, v, dout, lse, delta, dq, *cu, *descs,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
             *pb.lse_strides,
-            pb.nheads, pb.seqlen_q, pb.seqlen_k, group, pb.scale, pb.scale * _LOG2E,
+            pb.nheads, pb.seqlen_q, pb.seqlen_k, group, pb.scale, pb.scale * LOG2E,
             pb.left, pb.right, seq_bucket=pb.bucket, descs=descs, USE_TMA=use_tma, **pb.meta,
         )
     return dq, dk, dv
@@ -954,7 +947,8 @@ def flash_attn_replay(q, k, v, out, lse, softmax_scale=None, causal=False, windo
     its backward is the usual one. Activation checkpointing uses this to recompute a layer
     without its attention forward (``GPTConfig.checkpoint_keep_attention``). Nothing checks that
     ``out`` came from these inputs; gradients are only right if it did. ``deterministic`` is as
-    in `flash_attn_func`.
+    in `flash_attn_func`; ``softmax_scale`` must be the one the forward used (positive and
+    finite, as there).
     """
     fn = "flash_attn_replay"
     varlen = cu_seqlens_q is not None
@@ -968,33 +962,28 @@ def flash_attn_replay(q, k, v, out, lse, softmax_scale=None, causal=False, windo
         raise ValueError(f"{fn}: lse must be float32 of shape {lse_shape}, got {lse.dtype} of "
                          f"shape {tuple(lse.shape)}")
     left, right = _check_window(fn, window_size)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    softmax_scale = _check_scale(fn, softmax_scale, q.shape[-1])
     if varlen:
         static = (int(max_seqlen_q), int(max_seqlen_k))
     else:
         static = (q.shape[1], k.shape[1])
-    static += (float(softmax_scale), bool(causal), left, right, bool(deterministic))
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    return _SavedForward.apply(q, k, v, (out, lse, cu_seqlens_q, cu_seqlens_k), static)
+    static += (softmax_scale, bool(causal), left, right, bool(deterministic))
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
+    # The backward reads out by its strides (unit last one) and lse as a contiguous tensor.
+    saved = (unit_last(out), lse.contiguous(), cu_seqlens_q, cu_seqlens_k)
+    return _SavedForward.apply(q, k, v, saved, static)
 
 
 def _check_tensors(fn, q, k, v, rank, layout):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        check_float_tensor(fn, name, t)
         if t.dim() != rank:
             raise ValueError(f"{fn}: {name} must have {rank} dimensions {layout}, got {t.dim()} "
                              f"with shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{fn}: {name}.dtype={t.dtype} is not supported; "
-                            "use torch.float16, torch.bfloat16 or torch.float32")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{fn}: q, k and v must share one dtype, got q={q.dtype}, "
                         f"k={k.dtype}, v={v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{fn}: q, k and v must be on one device, got q on {q.device}, "
-                         f"k on {k.device}, v on {v.device}")
+    check_runnable(fn, _attn_fwd_kernel, "use the 'sdpa' attention backend", q=q, k=k, v=v)
     if k.shape != v.shape:
         raise ValueError(f"{fn}: k and v must have the same shape, got k {tuple(k.shape)} and "
                          f"v {tuple(v.shape)}")
@@ -1009,11 +998,6 @@ def _check_tensors(fn, q, k, v, rank, layout):
     if nheads_k == 0 or nheads % nheads_k != 0:
         raise ValueError(f"{fn}: nheads={nheads} (q) must be a multiple of nheads_k={nheads_k} "
                          "(k/v)")
-    if q.device.type == "cpu" and not _is_interpreted(_attn_fwd_kernel):
-        raise ValueError(
-            f"{fn}: q, k and v are on the CPU (device={q.device}), where the Triton kernel "
-            "cannot run; move them to a GPU, use the 'sdpa' attention backend, or set "
-            "TRITON_INTERPRET=1 before importing flashlm to run the (slow) Triton interpreter")
 
 
 def _check_window(fn, window_size):
@@ -1026,6 +1010,23 @@ def _check_window(fn, window_size):
         raise ValueError(f"{fn}: window_size={tuple(window_size)!r}: each side must be >= 0, "
                          "or -1 for unbounded")
     return left, right
+
+
+def _check_scale(fn, softmax_scale, head_dim):
+    """The softmax scale as a float: ``1 / sqrt(head_dim)`` for None, else a positive finite
+    number. The kernels take each row's running maximum of the scaled scores as the scale
+    times the maximum of the raw scores, which holds only for a positive scale; a scale of 0
+    would also multiply the masked scores' -inf into NaN."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    try:
+        scale = float(softmax_scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"{fn}: softmax_scale must be a number, got {softmax_scale!r}") from None
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{fn}: softmax_scale={softmax_scale!r} is not supported; it must be a "
+                         "positive finite number (None for 1 / sqrt(head_dim))")
+    return scale
 
 
 def _check_cu_seqlens(fn, name, cu, total, max_seqlen, device, batch=None, values=True):
@@ -1061,7 +1062,8 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
         q: (batch, seqlen_q, nheads, head_dim), fp16, bf16 or fp32.
         k, v: (batch, seqlen_k, nheads_k, head_dim), same dtype and device as ``q``;
             ``nheads`` must be a multiple of ``nheads_k`` (GQA/MQA).
-        softmax_scale: scale applied to ``q @ k^T``; defaults to ``1 / sqrt(head_dim)``.
+        softmax_scale: scale applied to ``q @ k^T``; defaults to ``1 / sqrt(head_dim)``. It
+            must be a positive finite number: 0, a negative scale, inf or NaN raise ValueError.
         causal: causal mask aligned to the bottom-right corner when ``seqlen_q != seqlen_k``.
         window_size: ``(left, right)`` sliding window; -1 leaves a side unbounded. Query ``i``
             sees keys ``[i + d - left, i + d + right]`` with ``d = seqlen_k - seqlen_q``
@@ -1085,10 +1087,9 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
         raise ValueError(f"{fn}: batch size mismatch, q has batch={q.shape[0]} and k/v "
                          f"batch={k.shape[0]}")
     left, right = _check_window(fn, window_size)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    out, lse = _attention(q, k, v, None, None, q.shape[1], k.shape[1], float(softmax_scale),
+    softmax_scale = _check_scale(fn, softmax_scale, q.shape[-1])
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
+    out, lse = _attention(q, k, v, None, None, q.shape[1], k.shape[1], softmax_scale,
                           bool(causal), left, right, bool(deterministic))
     return (out, lse) if return_lse else out
 
@@ -1125,10 +1126,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_cu_seqlens(fn, "cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device,
                       batch=cu_seqlens_q.numel() - 1, values=check_cu_seqlens)
     left, right = _check_window(fn, window_size)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    softmax_scale = _check_scale(fn, softmax_scale, q.shape[-1])
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
     out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                          int(max_seqlen_k), float(softmax_scale), bool(causal), left, right,
+                          int(max_seqlen_k), softmax_scale, bool(causal), left, right,
                           bool(deterministic))
     return (out, lse) if return_lse else out

@@ -35,44 +35,23 @@ import functools
 
 import torch
 
+from ..utils import LOG2E, sm_count
 from . import hopper_fwd
+from .gluon_compat import available, gluon
 
-if hopper_fwd.available():
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from .hopper_fwd import _sync_warps, _tma_load, _tma_store
-    from triton.experimental.gluon.language._core import builtin
-    from triton._C.libtriton import ir as _ir
-
-    @builtin
-    def _tma_add_36(tensor_desc, coord, src, _semantic=None):
-        """TMA reduce-add of a shared-memory tile into global memory. Newer tritons expose it
-        as ``tma.async_atomic_add``; triton 3.6 has the operation but no Python wrapper."""
-        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
-        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD,
-                                                  tensor_desc.handle, coord, src.handle)
-
-    _tma_add = getattr(tma, "async_atomic_add", None) or _tma_add_36
-else:  # pragma: no cover - depends on the installed triton
-    gluon = None
+if gluon is not None:
+    from .gluon_compat import (TensorDescriptor, fence_async_shared, gl, mbarrier, sync_warps, tma,
+                               tma_add, tma_load, tma_store, warpgroup_mma, warpgroup_mma_wait)
 
 BLOCK_M = 64    # query rows per step
 BLOCK_N = 128   # keys per program (64 per compute warpgroup)
 STAGES = 3      # Q / dO ring depth (3 measured 0-4% faster than 2 when causal)
-_LOG2E = 1.4426950408889634
 
 
 # (head dim, causal) where this kernel measured faster than the deterministic pair of kernels
 # on the H100 (results/attention/attention.md). Head dim 64 without a mask joined once K and V
 # became register operands there (NOTES.md, v11).
 FASTER = {(128, True), (128, False), (64, True), (64, False)}
-
-
-def available():
-    return gluon is not None
 
 
 if gluon is not None:
@@ -84,8 +63,8 @@ if gluon is not None:
                             group, m_lo, n_q, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                             STAGES: gl.constexpr):
         mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        _tma_load(k_desc, [kv_row, kv_col], kv_bar, k_smem)
-        _tma_load(v_desc, [kv_row, kv_col], kv_bar, v_smem)
+        tma_load(k_desc, [kv_row, kv_col], kv_bar, k_smem)
+        tma_load(v_desc, [kv_row, kv_col], kv_bar, v_smem)
         steps = n_q - m_lo
         for t in range(group * steps):
             s = t % STAGES
@@ -95,12 +74,12 @@ if gluon is not None:
             col = (head0 + t // steps) * HEAD_DIM
             mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes
                             + lse_desc.block_type.nbytes + delta_desc.block_type.nbytes)
-            _tma_load(q_desc, [row, col], q_ready.index(s), q_smem.index(s))
+            tma_load(q_desc, [row, col], q_ready.index(s), q_smem.index(s))
             blk = ((lse_row0 + (t // steps) * seqlen) // BLOCK_M + m_lo + t % steps).to(gl.int32)
-            _tma_load(lse_desc, [blk, 0], q_ready.index(s), lse_smem.index(s))
-            _tma_load(delta_desc, [blk, 0], q_ready.index(s), delta_smem.index(s))
+            tma_load(lse_desc, [blk, 0], q_ready.index(s), lse_smem.index(s))
+            tma_load(delta_desc, [blk, 0], q_ready.index(s), delta_smem.index(s))
             mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
-            _tma_load(do_desc, [row, col], do_ready.index(s), do_smem.index(s))
+            tma_load(do_desc, [row, col], do_ready.index(s), do_smem.index(s))
 
     @gluon.jit
     def _bwd_step(t, i, h, dk, dv, k_op, v_op, q_smem, do_smem, k_smem, ds_smem, q_ready,
@@ -147,7 +126,7 @@ if gluon is not None:
         # The reduce of the previous step's dQ has finished reading dq_smem once its issuing
         # thread passes this wait; the barrier tells everyone else.
         tma.store_wait(0)
-        _sync_warps()
+        sync_warps()
         dq_tok = warpgroup_mma(ds_buf.permute((1, 0)), k_smem, dq_zero, use_acc=False,
                                is_async=True)
         dv, dk, dq, pt_a, ds_a = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok, pt_a, ds_a])
@@ -156,7 +135,7 @@ if gluon is not None:
         # computes.
         dq_smem.store(dq * softmax_scale)
         fence_async_shared()
-        _tma_add(dq_desc, [q_row0 + i * BLOCK_M, h * HEAD_DIM], dq_smem)
+        tma_add(dq_desc, [q_row0 + i * BLOCK_M, h * HEAD_DIM], dq_smem)
         return dk, dv
 
     @gluon.jit
@@ -222,12 +201,12 @@ if gluon is not None:
 
         # Every product that read K or V has retired in both warpgroups: their buffers stage
         # dK and dV.
-        _sync_warps()
+        sync_warps()
         k_smem.store((dk * softmax_scale).to(k_smem.dtype))
         v_smem.store(dv.to(v_smem.dtype))
         fence_async_shared()
-        _tma_store(dk_desc, [kv_row, kv_col], k_smem)
-        _tma_store(dv_desc, [kv_row, kv_col], v_smem)
+        tma_store(dk_desc, [kv_row, kv_col], k_smem)
+        tma_store(dv_desc, [kv_row, kv_col], v_smem)
         tma.store_wait(0)
 
     @gluon.jit
@@ -345,10 +324,6 @@ def _heads_per_group(n_bhk, n_kb, causal, sms):
                 if n_bhk % g == 0 and (2 * g * n_kb >= sms or g == n_bhk))
 
 
-def _sm_count(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def hopper_bwd(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal):
     """Fill dq, dk, dv (laid out like q, k, v) from ``delta`` = rowsum(dO * O) - dLSE and the
     forward's natural-log ``lse``, both (batch, heads, seqlen) fp32."""
@@ -357,14 +332,14 @@ def hopper_bwd(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal):
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     n_kb = seqlen // BLOCK_N
     n_bhk = batch * nheads_k
-    heads_per_group = _heads_per_group(n_bhk, n_kb, causal, _sm_count(q.device))
+    heads_per_group = _heads_per_group(n_bhk, n_kb, causal, sm_count(q.device))
     grid = (n_kb * n_bhk,)
     _hopper_bwd_kernel[grid](
         hopper_fwd._desc(q, BLOCK_M), hopper_fwd._desc(k, BLOCK_N), hopper_fwd._desc(v, BLOCK_N),
         hopper_fwd._desc(dout, BLOCK_M), hopper_fwd._desc(dk, BLOCK_N),
         hopper_fwd._desc(dv, BLOCK_N), _dq_desc(dq_acc, causal), _row_desc(lse.contiguous()),
         _row_desc(delta.contiguous()),
-        seqlen, nheads, nheads // nheads_k, heads_per_group, softmax_scale * _LOG2E,
+        seqlen, nheads, nheads // nheads_k, heads_per_group, softmax_scale * LOG2E,
         softmax_scale,
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES,
         num_warps=8)

@@ -24,8 +24,8 @@ the release of block j-1 by the other warpgroup, and the tensor cores idled each
 free again), 14-15 (whose turn it is); Triton's warp specialization uses 0 and 1.
 
 Runs on triton 3.6 (measured on the H100) and compiles for sm_90 with the newest triton, where
-the TMA copies were renamed (``tests/test_attention.py`` compiles it on the CPU and reads the
-SASS).
+the TMA copies were renamed (``gluon_compat.py`` holds the names for both;
+``tests/test_attention.py`` compiles it on the CPU and reads the SASS).
 
 Scope: dense (batch, seqlen, heads, head_dim) fp16/bf16 tensors on compute capability 9.x,
 head dims 64 and 128, seqlen_q == seqlen_k a multiple of the 128-row block, causal or full
@@ -38,28 +38,15 @@ import functools
 
 import torch
 
-try:  # Gluon ships with triton >= 3.5; on older tritons this path is simply never taken.
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    # triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global;
-    # newer tritons call them async_load / async_store and make the old names raise.
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-    # A barrier over the compute warps: thread_barrier in triton 3.6, barrier in newer tritons.
-    _sync_warps = getattr(gl, "barrier", None) or gl.thread_barrier
-except ImportError:  # pragma: no cover - depends on the installed triton
-    gluon = None
+from ..utils import LOG2E
+from .gluon_compat import available, gluon
+
+if gluon is not None:
+    from .gluon_compat import (TensorDescriptor, fence_async_shared, gl, mbarrier, sync_warps, tma,
+                               tma_load, tma_store, warpgroup_mma, warpgroup_mma_wait)
 
 BLOCK_M = 128
 BLOCK_N = 128
-_LOG2E = 1.4426950408889634
-
-
-def available():
-    return gluon is not None
 
 
 if gluon is not None:
@@ -113,8 +100,8 @@ if gluon is not None:
             if g >= STAGES:
                 _bar(_RELEASE + sk, 32, _LOAD_RELEASED)
             mbarrier.expect(kv_ready.index(sk), nbytes)
-            _tma_load(k_desc, [kv_row + k * BLOCK_N, kv_col], kv_ready.index(sk), k_smem.index(sk))
-            _tma_load(v_desc, [kv_row + k * BLOCK_N, kv_col], kv_ready.index(sk), v_smem.index(sk))
+            tma_load(k_desc, [kv_row + k * BLOCK_N, kv_col], kv_ready.index(sk), k_smem.index(sk))
+            tma_load(v_desc, [kv_row + k * BLOCK_N, kv_col], kv_ready.index(sk), v_smem.index(sk))
 
     @gluon.jit
     def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_free, kv_ready,
@@ -124,7 +111,7 @@ if gluon is not None:
         b's first key blocks stream in while tile a finishes; its Q waits until tile a's
         output, staged in Q's buffer, has left."""
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        _tma_load(q_desc, [q_row_a, q_col], q_bar, q_smem)
+        tma_load(q_desc, [q_row_a, q_col], q_bar, q_smem)
         _load_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_row, kv_col, 0, 0, n_a,
                  BLOCK_N, STAGES)
         if n_b > 0:
@@ -133,7 +120,7 @@ if gluon is not None:
                      BLOCK_N, STAGES)
             mbarrier.wait(q_free, 0)
             mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-            _tma_load(q_desc, [q_row_b, q_col], q_bar, q_smem)
+            tma_load(q_desc, [q_row_b, q_col], q_bar, q_smem)
             _load_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_row, kv_col, n_a, ahead, n_b,
                      BLOCK_N, STAGES)
         # Take the releases not waited for above, so that every named barrier ends balanced.
@@ -248,10 +235,10 @@ if gluon is not None:
 
         acc = acc / gl.convert_layout(l_i, row_o)[:, None]
         # Both warpgroups are past every product that read Q: its buffer stages the output.
-        _sync_warps()
+        sync_warps()
         q_smem.store(acc.to(dtype))
         fence_async_shared()
-        _tma_store(o_desc, [q_row, q_col], q_smem)
+        tma_store(o_desc, [q_row, q_col], q_smem)
         lse = (m_i + gl.log2(l_i)) * 0.6931471805599453  # log2 -> natural log: times ln 2
         gl.store(lse_ptr + lse_off + gl.arange(0, BLOCK_M, layout=row_s), lse)
         tma.store_wait(0)
@@ -389,7 +376,7 @@ def hopper_fwd(q, k, v, out, lse, softmax_scale, causal):
     grid = ((n_m + 1) // 2 if paired else n_m, batch * nheads)
     _hopper_fwd_kernel[grid](
         _desc(q, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), _desc(out, BLOCK_M), lse,
-        seqlen, nheads, nheads // k.shape[2], softmax_scale * _LOG2E,
+        seqlen, nheads, nheads // k.shape[2], softmax_scale * LOG2E,
         CAUSAL=causal, PAIRED=paired, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         STAGES=STAGES[head_dim], num_warps=8)
     return out, lse

@@ -1,10 +1,10 @@
 """Row-wise softmax cross-entropy in Triton, with its gradient written over the logits.
 
-Made for the chunked LM-head loss (``flashlm.model.chunked_linear_cross_entropy``): a chunk of
-logits comes straight out of ``hidden @ weight.T`` and this kernel turns it, in place, into the
-gradient that the two following matmuls need, while producing each row's loss. One kernel
-replaces the chain of fp32 elementwise passes (upcast, max, subtract, exp, sum, log, divide,
-one-hot subtract, scale, downcast) that the same computation takes in PyTorch.
+Made for the chunked LM-head loss (``flashlm.model.loss.chunked_linear_cross_entropy``): a
+chunk of logits comes straight out of ``hidden @ weight.T`` and this kernel turns it, in place,
+into the gradient that the two following matmuls need, while producing each row's loss. One
+kernel replaces the chain of fp32 elementwise passes (upcast, max, subtract, exp, sum, log,
+divide, one-hot subtract, scale, downcast) that the same computation takes in PyTorch.
 
 Algorithm
     One program per row. Pass 1 walks the vocabulary in blocks of ``BLOCK_V`` with an online
@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ..utils import FLOAT_DTYPES, check_runnable, device_ctx, is_interpreted
+
 TARGET_DTYPES = (torch.int64, torch.int32)
 
 
@@ -93,16 +94,12 @@ _NUM_WARPS = 8
 _INTERPRET_BLOCK_V = 128
 
 
-def _is_interpreted(kernel):
-    return type(kernel).__name__ == "InterpretedFunction"
-
-
 def _check(fn, logits, targets, scale, out):
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         desc = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"{fn}: logits must be a 2-D tensor (rows, vocab), got {desc}")
     rows, vocab = logits.shape
-    if logits.dtype not in SUPPORTED_DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{fn}: logits.dtype={logits.dtype} is not supported; use torch.float16, "
                         "torch.bfloat16 or torch.float32")
     if vocab == 0:
@@ -123,10 +120,7 @@ def _check(fn, logits, targets, scale, out):
             raise TypeError(f"{fn}: {name}.dtype={t.dtype}; expected one of {dtypes}")
         if t.device != logits.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but logits are on {logits.device}")
-    if logits.device.type == "cpu" and not _is_interpreted(_cross_entropy_kernel):
-        raise ValueError(f"{fn}: logits are on the CPU, where the Triton kernel cannot run; move "
-                         "them to a GPU, or set TRITON_INTERPRET=1 before importing flashlm to run "
-                         "the (slow) Triton interpreter")
+    check_runnable(fn, _cross_entropy_kernel, logits=logits)
 
 
 def _launch(logits, targets, scale, ignore_index, out):
@@ -136,26 +130,18 @@ def _launch(logits, targets, scale, ignore_index, out):
     if rows == 0:
         return out
     write_grad = scale is not None
-    if _is_interpreted(_cross_entropy_kernel):
+    if is_interpreted(_cross_entropy_kernel):
         block_v, warps = _INTERPRET_BLOCK_V, 1
     else:
         block_v, warps = min(triton.next_power_of_2(vocab), _MAX_BLOCK_V), _NUM_WARPS
     # Without a gradient the scale pointer is never read; any tensor stands in for it.
     scale_arg = scale if write_grad else out
-    with torch.cuda.device(logits.device) if logits.is_cuda else _nullctx():
+    with device_ctx(logits):
         _cross_entropy_kernel[(rows,)](
             logits, targets, scale_arg, out, logits.stride(0), targets.stride(0),
             scale_arg.stride(0), out.stride(0), vocab, int(ignore_index),
             WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=warps)
     return out
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def cross_entropy_forward(logits, targets, ignore_index=-100, out=None):

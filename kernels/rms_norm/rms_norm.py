@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..rowwise import (as_rows, check_float_tensor, check_runnable, device_ctx, loop_programs,
-                       num_warps)
+from ..utils import (FUSED_OPS_FALLBACK, as_rows, check_float_tensor, check_runnable, device_ctx,
+                     loop_programs, num_warps)
 
 MAX_HIDDEN = 16384
 # Elements a program holds per tensor: narrow rows are processed several at a time (one
@@ -176,5 +176,5 @@ def rms_norm(x, weight, eps, out_dtype=None):
     if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"{fn}: out_dtype={out_dtype} is not supported; use torch.float16, "
                         "torch.bfloat16 or torch.float32")
-    check_runnable(fn, _rms_norm_fwd_kernel, x=x, weight=weight)
+    check_runnable(fn, _rms_norm_fwd_kernel, FUSED_OPS_FALLBACK, x=x, weight=weight)
     return _RMSNorm.apply(x, weight.contiguous(), float(eps), out_dtype)

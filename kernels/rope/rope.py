@@ -11,8 +11,8 @@ Layout
     q (batch, seqlen, heads, head_dim) and k (batch, seqlen, kv_heads, head_dim), with unit
     stride along head_dim and any other strides: in the model they are views into one q|k|v
     product, read in place. cos, sin (batch or 1, seqlen, 1, head_dim // 2), as
-    ``flashlm.model.RotaryEmbedding`` makes them (a batch of 1 is broadcast). The outputs are
-    new contiguous tensors shaped like q and k.
+    ``flashlm.model.model.RotaryEmbedding`` makes them (a batch of 1 is broadcast). The outputs
+    are new contiguous tensors shaped like q and k.
 
 dtypes
     q and k: fp16, bf16 or fp32, one dtype; cos and sin: fp16, bf16 or fp32 (fp32 in the
@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..rowwise import check_float_tensor, check_runnable, device_ctx, num_warps
+from ..utils import (FUSED_OPS_FALLBACK, check_float_tensor, check_runnable, device_ctx, num_warps,
+                     unit_last)
 
 MAX_HEAD_DIM = 512
 # Elements of one half-tile (tokens x heads x head_dim / 2) a program holds at a time: a token
@@ -110,10 +111,6 @@ def _rope(q, k, cos, sin, inverse, empty=torch.empty):
     return q_out, k_out
 
 
-def _unit_last(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 class _Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
@@ -123,7 +120,7 @@ class _Rotary(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        dq, dk = _rope(_unit_last(dq), _unit_last(dk), cos, sin, inverse=True)
+        dq, dk = _rope(unit_last(dq), unit_last(dk), cos, sin, inverse=True)
         return dq, dk, None, None
 
 
@@ -161,5 +158,5 @@ def rotary_embedding(q, k, cos, sin):
             raise ValueError(f"{fn}: {name} must have shape ({batch} or 1, {seqlen}, 1, "
                              f"{head_dim // 2}) for q of shape {tuple(q.shape)}, got "
                              f"{tuple(t.shape)}")
-    check_runnable(fn, _rope_kernel, q=q, k=k, cos=cos, sin=sin)
-    return _Rotary.apply(_unit_last(q), _unit_last(k), _unit_last(cos), _unit_last(sin))
+    check_runnable(fn, _rope_kernel, FUSED_OPS_FALLBACK, q=q, k=k, cos=cos, sin=sin)
+    return _Rotary.apply(unit_last(q), unit_last(k), unit_last(cos), unit_last(sin))

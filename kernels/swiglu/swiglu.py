@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..rowwise import as_rows, check_float_tensor, check_runnable, device_ctx, num_warps
+from ..utils import (FUSED_OPS_FALLBACK, as_rows, check_float_tensor, check_runnable, device_ctx,
+                     num_warps)
 
 # Elements per program: 1024 keeps eight 16-bit values per thread with four warps. A program
 # covers (BLOCK_R rows) x (BLOCK_C columns): one row's block of 1024 at Llama's widths (5632 is
@@ -130,5 +131,5 @@ def swiglu(gate_up):
     if width == 0 or width % 2:
         raise ValueError(f"{fn}: the last dimension of gate_up holds gate and up side by side, "
                          f"so it must be even and positive, got shape {tuple(gate_up.shape)}")
-    check_runnable(fn, _swiglu_fwd_kernel, gate_up=gate_up)
+    check_runnable(fn, _swiglu_fwd_kernel, FUSED_OPS_FALLBACK, gate_up=gate_up)
     return _SwiGLU.apply(gate_up)

@@ -1,1 +1,0 @@
-"""flashlm's Triton kernels, one subpackage per op. Imported as ``flashlm.kernels``."""

@@ -1,0 +1,98 @@
+"""Where a measurement comes from: the machine and library versions it ran on and the code it
+ran, as one block with the same keys in every benchmark's and evaluation's JSON report, stored
+under the key ``"environment"``.
+
+    from provenance import add_commit_argument, describe, environment
+
+    env = environment("cuda", commit=args.commit)
+    json.dump({"environment": env, "rows": rows}, f)
+    header = f"Attention TFLOP/s, {describe(env, 'triton')}"
+
+The block (a package that is not installed is None):
+
+    gpu             the CUDA device's name, or "CPU (<processor>)" for a run on the CPU
+    gpu_memory_gib  the device's total memory in GiB (None on the CPU)
+    python          the interpreter's version
+    torch, cuda, cudnn, triton, transformers, accelerate, liger_kernel
+                    versions (cuda and cudnn as torch was built with them)
+    git_commit      the full hash of HEAD in the checkout that holds this script, or the
+                    ``--commit`` a run was given (a copy of the tree without .git)
+    date            the day of the run, YYYY-MM-DD
+    argv            the script's command-line arguments
+
+Scripts are run, not imported: each one puts ``scripts/`` on ``sys.path`` to import this file.
+"""
+
+import datetime
+import platform
+import re
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# Distribution name -> key in the block.
+PACKAGES = {"triton": "triton", "transformers": "transformers", "accelerate": "accelerate",
+            "liger-kernel": "liger_kernel"}
+
+
+def _version(dist):
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def git_commit():
+    """The full hash of HEAD in this checkout, or None outside a git checkout."""
+    try:
+        return subprocess.check_output(["git", "-C", str(REPO), "rev-parse", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment(device="cuda", commit=None):
+    """The provenance block (keys in the module docstring) of a run on ``device``.
+
+    Args:
+        device: the torch device (or its name) the measurement runs on.
+        commit: the commit to record instead of asking git (for a checkout without .git).
+    """
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    return {
+        "gpu": torch.cuda.get_device_name(device) if on_gpu
+        else f"CPU ({platform.processor() or platform.machine()})",
+        "gpu_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if on_gpu else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        **{key: _version(dist) for dist, key in PACKAGES.items()},
+        "git_commit": commit or git_commit(),
+        "date": datetime.date.today().isoformat(),
+        "argv": sys.argv[1:],
+    }
+
+
+def short_commit(env):
+    """The commit for a table header: a hash cut to 10 characters; any other text (a merged
+    table's note of which rows come from which commit) as written."""
+    commit = str(env["git_commit"])
+    return commit[:10] if re.fullmatch(r"[0-9a-f]+", commit) else commit
+
+
+def describe(env, *packages):
+    """"<gpu>, <date> (torch <v>, <package> <v>..., commit <hash>)" for a results header;
+    ``packages`` are keys of the block (``"triton"``, ``"liger_kernel"``...)."""
+    versions = [f"torch {env['torch']}"] + [f"{p.replace('_', '-')} {env.get(p)}" for p in packages]
+    return f"{env['gpu']}, {env['date']} ({', '.join(versions)}, commit {short_commit(env)})"
+
+
+def add_commit_argument(parser):
+    """``--commit``: what ``environment`` records when the checkout has no .git."""
+    parser.add_argument("--commit", help="git commit to record when the checkout has no .git")
