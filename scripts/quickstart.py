@@ -39,11 +39,14 @@ def generate(export_dir: Path, prompt: str, max_new_tokens: int, seed: int) -> s
 
 
 def main(argv: list[str]) -> int:
-    from flashlm.checkpoint import CheckpointManager
+    from flashlm.training.checkpoint import CheckpointManager
     from flashlm.recipe import RecipeError, load_recipe
-    from flashlm.train import StartError
-    from flashlm.train import main as train
+    from flashlm.training.train import StartError
+    from flashlm.training.train import main as train
 
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return 0
     start = time.perf_counter()
     os.chdir(REPO)  # the recipe's paths (data/, runs/) are relative to the repository root
     try:

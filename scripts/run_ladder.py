@@ -8,9 +8,9 @@ stage starting from the previous stage's checkpoint, with a long-context evaluat
 
 Stage ``s`` runs::
 
-    accelerate launch --config_file ACCELERATE_CONFIG -m flashlm.train recipes/longctx/100m_<s>.yaml \\
+    accelerate launch --config_file ACCELERATE_CONFIG -m flashlm.training.train recipes/longctx/100m_<s>.yaml \\
         --output_dir=<out>/<s> [--init_from=<out>/<previous stage>] [--training.steps=N ...]
-    python scripts/eval_long_context.py --model <out>/<s> --seq-len <the stage's seq_len>
+    python scripts/eval/long_context.py --model <out>/<s> --seq-len <the stage's seq_len>
 
 ``--tokens-per-stage`` sets each stage's steps to cover that many tokens (at least one step)
 and shortens its warmup to at most a fifth of them; tokens per step come from the recipe and
@@ -55,7 +55,7 @@ def processes(accelerate_config):
 
 def finished_step(run_dir):
     """The step of the run's latest complete checkpoint, or None."""
-    from flashlm.checkpoint import TRAINER_STATE, CheckpointManager, read_json
+    from flashlm.training.checkpoint import TRAINER_STATE, CheckpointManager, read_json
 
     latest = CheckpointManager(Path(run_dir) / "checkpoints", keep_last=1).latest()
     return None if latest is None else read_json(latest / TRAINER_STATE)["step"]
@@ -84,8 +84,8 @@ def plan(args):
         overrides += per_stage + args.overrides
         recipe = load_recipe(recipe_path, overrides)  # validated now, before any stage runs
         train = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(args.accelerate_config),
-                 "-m", "flashlm.train", str(recipe_path), *overrides]
-        evaluate = [sys.executable, str(ROOT / "scripts" / "eval_long_context.py"), "--model", str(out),
+                 "-m", "flashlm.training.train", str(recipe_path), *overrides]
+        evaluate = [sys.executable, str(ROOT / "scripts" / "eval" / "long_context.py"), "--model", str(out),
                     "--seq-len", str(t.seq_len), "--passkey-trials", str(args.passkey_trials),
                     "--windows", str(args.eval_windows), "--out", str(out / "long_context.json")]
         stages.append({"name": name, "recipe": recipe, "out": out, "train": train, "eval": evaluate,

@@ -17,9 +17,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_script(name):
-    """A module of ``scripts/`` (run, not imported, by users), loaded for a test."""
+    """A script (run, not imported, by users), loaded as a module for a test; ``name`` is its
+    path under ``scripts/`` without ``.py``, e.g. ``"bench/attention"``."""
     path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name.replace("/", "_"), path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

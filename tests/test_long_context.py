@@ -14,7 +14,7 @@ import torch
 
 from conftest import load_script
 from flashlm import GPT, GPTConfig
-from flashlm.hf import to_hf_config
+from flashlm.hf import save_pretrained, to_hf_config
 from flashlm.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,12 +69,12 @@ def tiny_hf_model(tmp_path_factory):
     torch.manual_seed(0)
     config = GPTConfig.from_preset("debug", vocab_size=4096, num_hidden_layers=2, attn_backend="sdpa")
     path = tmp_path_factory.mktemp("hf")
-    GPT(config).save_pretrained(path, tokenizer=load_tokenizer(str(ROOT / "data" / "tokenizer")))
+    save_pretrained(GPT(config), path, tokenizer=load_tokenizer(str(ROOT / "data" / "tokenizer")))
     return path
 
 
 def test_passkey_prompt_layout():
-    ev = load_script("eval_long_context")
+    ev = load_script("eval/long_context")
     from flashlm.data import load_tokenizer
 
     tokenizer = load_tokenizer(str(ROOT / "data" / "tokenizer"))
@@ -94,7 +94,7 @@ def test_passkey_prompt_layout():
 
 
 def test_eval_long_context_reports_buckets_and_passkey(tiny_hf_model, tmp_path):
-    ev = load_script("eval_long_context")
+    ev = load_script("eval/long_context")
     out = tmp_path / "report.json"
     report = ev.main(ev.parse_args([
         "--model", str(tiny_hf_model), "--seq-len", "256",
@@ -115,7 +115,7 @@ def test_memory_sweep_dry_run_records_oom_and_skips_longer_contexts(tmp_path):
     """The sweep's logic on CPU: rows that need CUDA are 'unavailable', a simulated out-of-memory
     is recorded and ends its row, the others run every context; JSON, table and plot are written."""
     out = tmp_path / "sweep"
-    command = [sys.executable, str(ROOT / "scripts" / "memory_sweep.py"), "--device", "cpu", "--preset", "debug",
+    command = [sys.executable, str(ROOT / "scripts" / "bench" / "memory_sweep.py"), "--device", "cpu", "--preset", "debug",
                "--rows", "flashlm", "flashlm_eager", "hf", "--contexts", "64", "512", "1024", "--tokens-per-step",
                "64", "--steps", "1", "--cpu-memory-limit-mb", "26", "--out", str(out), "--commit", "abc"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -142,7 +142,7 @@ def test_memory_sweep_undoes_liger_patches(monkeypatch):
 
     from transformers.models.llama import modeling_llama as llama
 
-    sweep = load_script("memory_sweep")
+    sweep = load_script("bench/memory_sweep")
     before = (llama.LlamaRMSNorm, llama.LlamaMLP, llama.apply_rotary_pos_emb, llama.LlamaForCausalLM.forward)
 
     def fake_apply(**kwargs):  # patches the way liger-kernel does
@@ -163,7 +163,7 @@ def test_memory_sweep_undoes_liger_patches(monkeypatch):
 def test_memory_sweep_runs_the_comparison_first():
     """A tight time budget cuts from the end: both flashlm rows and HF + liger up to 128K, then
     flashlm at 256K, then the other rows, then the longest contexts."""
-    sweep = load_script("memory_sweep")
+    sweep = load_script("bench/memory_sweep")
     order = [(preset, row, [c // 1024 for c in contexts])
              for preset, row, contexts in sweep.plan(sweep.parse_args(["--preset", "1b", "100m"]))]
     short = [4, 8, 16, 32, 64, 128]

@@ -2,29 +2,30 @@
 and compiled FlexAttention, all in one run on the same inputs.
 
 FLOPs (printed with the table): forward 4*B*H*S*S*D, halved when causal; backward 2.5x the
-forward; forward+backward 3.5x. Shapes follow shared/BENCHMARKS.md: bf16, hidden 2048
+forward; forward+backward 3.5x. Shapes are the peers' in docs/peers.md: bf16, hidden 2048
 (H = 2048 / D), B*S = 16K tokens up to S = 16K, then B = 1. Times are the median of
 ``triton.testing.do_bench``; with ``--rounds N`` each cell is measured N times, the providers
 taking turns, and each mode keeps its median time. Peak memory is ``max_memory_allocated``
 during one forward+backward, above what the inputs already hold.
 
-Writes ``attention.json`` (GPU, versions, git commit, every row), ``attention.md`` (tables with
-ratios to each peer) and ``attention.png`` to ``--out``.
+Writes ``attention.json`` (the provenance block of ``scripts/provenance.py``, every row),
+``attention.md`` (tables with ratios to each peer) and ``attention.png`` to ``--out``.
 
-    python scripts/bench_attention.py --out results/attention
+    python scripts/bench/attention.py --out results/attention
 """
 
 import argparse
-import datetime
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for provenance
+from provenance import add_commit_argument, describe, environment  # noqa: E402
 
 # flashlm_nondet: flash_attn_func(deterministic=False), the fused backward on Hopper.
 PROVIDERS = ["flashlm", "flashlm_nondet", "sdpa_flash", "sdpa_cudnn", "flex"]
@@ -245,16 +246,9 @@ def bench_window(seqlen, window, head_dim, nheads, device="cuda"):
             "ms_per_1k_tokens": ms_all / (seqlen / 1024)}
 
 
-def _commit(env):
-    """The run's commit for a table header: a hash shortened to 10 characters; a note that a
-    merged table's rows come from several commits as written."""
-    commit = str(env["git_commit"])
-    return commit[:10] if re.fullmatch(r"[0-9a-f]+", commit) else commit
-
-
 def varlen_markdown(varlen, window, env):
-    lines = [f"Packed documents and sliding windows, {env['gpu']}, bf16, {env['date']}, "
-             f"commit {_commit(env)}. Head dim 128, 16 heads, causal.", "",
+    lines = [f"Packed documents and sliding windows, bf16, {describe(env, 'triton')}. "
+             "Head dim 128, 16 heads, causal.", "",
              "| tokens | documents | kernel | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s (in-document) |",
              "|---|---|---|---|---|---|"]
     for v in varlen:
@@ -272,29 +266,9 @@ def varlen_markdown(varlen, window, env):
     return "\n".join(lines) + "\n"
 
 
-def environment():
-    def git(*args):
-        try:
-            return subprocess.check_output(["git", *args], text=True,
-                                           stderr=subprocess.DEVNULL).strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-    import triton
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "git_commit": git("rev-parse", "HEAD"),
-        "date": datetime.date.today().isoformat(),
-    }
-
-
 def markdown(results, env):
     rounds = env.get("rounds", 1)
-    lines = [f"Attention TFLOP/s, {env['gpu']}, bf16, {env['date']} (torch {env['torch']}, "
-             f"triton {env['triton']}, commit {_commit(env)})"
+    lines = [f"Attention TFLOP/s, bf16, {describe(env, 'triton')}"
              + (f"; each cell the median of {rounds} rounds, providers interleaved." if rounds > 1
                 else "."),
              "", "FLOPs: forward 4*B*H*S*S*D (halved when causal), backward 2.5x forward, "
@@ -366,7 +340,7 @@ def merge(paths):
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        env = env or data["env"]
+        env = env or data["environment"]
         for shape in data["results"]:
             key = (shape["head_dim"], shape["causal"], shape["seqlen"])
             entry = shapes.setdefault(key, dict(shape, rows=[]))
@@ -379,7 +353,7 @@ def merge(paths):
 
 def write_outputs(out, env, results):
     with open(os.path.join(out, "attention.json"), "w") as f:
-        json.dump({"env": env, "results": results}, f, indent=1)
+        json.dump({"environment": env, "results": results}, f, indent=1)
     table = markdown(results, env)
     with open(os.path.join(out, "attention.md"), "w") as f:
         f.write(table)
@@ -393,11 +367,9 @@ def main(args):
         print(write_outputs(args.out, *merge(args.merge)))
         return
     if not torch.cuda.is_available():
-        sys.exit("bench_attention.py needs a CUDA GPU")
+        sys.exit("scripts/bench/attention.py needs a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
-    env = environment()
-    if args.commit:
-        env["git_commit"] = args.commit
+    env = environment("cuda", commit=args.commit)
     env["rounds"] = args.rounds
     if args.explore:
         explore_configs()
@@ -408,7 +380,7 @@ def main(args):
 
         def save():  # after every row, so a run cut short still leaves its results
             with open(os.path.join(args.out, "attention_varlen.json"), "w") as f:
-                json.dump({"env": env, "varlen": varlen, "window": window}, f, indent=1)
+                json.dump({"environment": env, "varlen": varlen, "window": window}, f, indent=1)
             with open(os.path.join(args.out, "attention_varlen.md"), "w") as f:
                 f.write(varlen_markdown(varlen, window, env))
         for total in (16384, 65536):
@@ -445,7 +417,7 @@ def main(args):
                 results.append({"head_dim": head_dim, "causal": causal, "seqlen": seqlen,
                                 "batch": batch, "nheads": nheads, "rows": rows})
                 with open(os.path.join(args.out, "attention.json"), "w") as f:
-                    json.dump({"env": env, "results": results}, f, indent=1)
+                    json.dump({"environment": env, "results": results}, f, indent=1)
     print(write_outputs(args.out, env, results))
 
 
@@ -467,7 +439,7 @@ def parse_args(argv=None):
                    help="FlexAttention compiles per shape; skip it above this length")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="merge these runs' JSON files into --out instead of measuring")
-    p.add_argument("--commit", help="git commit to record when the checkout has no .git")
+    add_commit_argument(p)
     p.add_argument("--varlen", action="store_true",
                    help="packed-document and sliding-window rows instead of the dense sweep")
     p.add_argument("--explore", action="store_true",

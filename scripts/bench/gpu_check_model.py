@@ -1,4 +1,4 @@
-"""GPU acceptance checks for the flashlm model (issue 3), for an H100.
+"""GPU acceptance checks for the flashlm model on a CUDA GPU (run on an H100).
 
 1. The preset's forward and backward with ``attn_backend="flash"`` against ``"sdpa"`` in bf16
    autocast (fp32 weights, as training runs). Both are measured against an fp32 reference run of
@@ -9,16 +9,15 @@
    on flashlm's kernel (``attn_implementation=flashlm.HF_ATTN_IMPLEMENTATION``, with and without a
    padding mask) and flashlm on flash must be within twice transformers-SDPA's bf16 error.
 
-Prints a table and writes JSON (GPU, versions, git commit, shapes, every number) to ``--out``.
-Exits 1 if a check fails.
+Prints a table and writes JSON (the provenance block of ``scripts/provenance.py``, shapes,
+every number) to ``--out``. Exits 1 if a check fails.
 
-    python scripts/gpu_check_model.py --out results/gpu_check_model.json
+    python scripts/bench/gpu_check_model.py --out results/model/gpu_check_model.json
 """
 
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,8 +25,12 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for provenance
+from provenance import add_commit_argument, environment  # noqa: E402
+
 import flashlm
 from flashlm import GPT, GPTConfig
+from flashlm.hf import load_pretrained, save_pretrained
 
 FACTOR, FLOOR = 2.0, 1e-6  # flash error <= FACTOR * sdpa error + FLOOR
 
@@ -110,7 +113,7 @@ def check_export(model, args):
 
     workdir = Path(tempfile.mkdtemp(prefix="flashlm_gpu_check_", dir=args.workdir))
     start = time.perf_counter()
-    model.save_pretrained(workdir, dtype=torch.bfloat16, max_shard_size="1GB")
+    save_pretrained(model, workdir, dtype=torch.bfloat16, max_shard_size="1GB")
     export_s = time.perf_counter() - start
     shards = sorted(p.name for p in workdir.glob("*.safetensors"))
     del model
@@ -127,7 +130,7 @@ def check_export(model, args):
         with torch.no_grad():
             return m(input_ids, **kwargs).logits.float()
 
-    ours = GPT.from_pretrained(workdir, attn_backend="sdpa").cuda().eval()
+    ours = load_pretrained(workdir, attn_backend="sdpa").cuda().eval()
     hf_fp32 = AutoModelForCausalLM.from_pretrained(workdir, dtype=torch.float32, attn_implementation="sdpa").cuda().eval()
     ref = logits(hf_fp32)
     ref_padded = logits(hf_fp32, attention_mask=padding)[valid]
@@ -161,25 +164,11 @@ def check_export(model, args):
             "directory": str(workdir) if args.keep_export else None}
 
 
-def environment():
-    import transformers
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = None
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__, "flashlm_commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
 def main(args):
     if not torch.cuda.is_available():
-        raise SystemExit("gpu_check_model.py needs a CUDA GPU")
+        raise SystemExit("scripts/bench/gpu_check_model.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
-    env = environment()
+    env = environment("cuda", commit=args.commit)
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     model, training = check_training_step(args)
     export = check_export(model, args)
@@ -201,4 +190,5 @@ if __name__ == "__main__":
     parser.add_argument("--export-seq-len", type=int, default=1024)
     parser.add_argument("--workdir", default=None, help="where to write the export (default: the temp dir)")
     parser.add_argument("--keep-export", action="store_true", help="keep the exported directory")
+    add_commit_argument(parser)
     sys.exit(main(parser.parse_args()))

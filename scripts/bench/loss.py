@@ -12,22 +12,25 @@ backward time (median of ``triton.testing.do_bench``), peak memory above the inp
 (``max_memory_allocated``), and the loss and gradient differences to the full-logits loss,
 which is also the peer a plain Hugging Face model runs.
 
-    PYTHONPATH=. python3 scripts/bench_loss.py --out results/loss
+    PYTHONPATH=. python3 scripts/bench/loss.py --out results/loss
 
-Writes ``loss.json`` and ``loss.md`` to ``--out``. Needs CUDA; liger-kernel is optional (its
+Writes ``loss.json`` (the provenance block of ``scripts/provenance.py``, every row) and
+``loss.md`` to ``--out``. Needs CUDA; liger-kernel is optional (its
 rows say "not installed" without it).
 """
 
 import argparse
-import datetime
 import json
-import subprocess
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from flashlm.model import IGNORE_INDEX, chunked_linear_cross_entropy
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for provenance
+from provenance import add_commit_argument, describe, environment  # noqa: E402
+
+from flashlm.model.loss import IGNORE_INDEX, chunked_linear_cross_entropy
 
 # The 1b model's hidden size first: its long-context cases decide the choice.
 SHAPES = [(hidden, tokens) for hidden in (2048, 768) for tokens in (131072, 32768, 8192)]
@@ -109,29 +112,8 @@ def bench(on_row, device="cuda"):
     return rows
 
 
-def environment(commit):
-    def version(module):
-        try:
-            return __import__(module).__version__
-        except ImportError:
-            return None
-    if commit is None:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = None
-    from importlib.metadata import PackageNotFoundError, version as dist_version
-    try:
-        liger = dist_version("liger-kernel")
-    except PackageNotFoundError:
-        liger = None
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": version("triton"),
-            "liger_kernel": liger, "git_commit": commit, "date": datetime.date.today().isoformat()}
-
-
 def markdown(rows, env):
-    lines = [f"LM head + cross-entropy, forward + backward, {env['gpu']}, {env['date']} (torch {env['torch']}, "
-             f"liger-kernel {env['liger_kernel']}, commit {str(env['git_commit'])[:10]}).", "",
+    lines = [f"LM head + cross-entropy, forward + backward, {describe(env, 'liger_kernel')}.", "",
              f"Vocab {VOCAB}, fp32 hidden states and LM head, matmuls under bf16 autocast. Peak: memory above "
              "the inputs. Differences are to the full-logits loss (relative norm for gradients).", "",
              "| hidden | tokens | provider | ms | peak GiB | loss diff | grad hidden | grad weight |",
@@ -148,7 +130,9 @@ def markdown(rows, env):
 
 
 def main(args):
-    env = environment(args.commit)
+    if not torch.cuda.is_available():
+        sys.exit("scripts/bench/loss.py needs a CUDA GPU")
+    env = environment("cuda", commit=args.commit)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -163,5 +147,5 @@ def main(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/loss")
-    parser.add_argument("--commit", help="git commit to record when the checkout has no .git")
+    add_commit_argument(parser)
     main(parser.parse_args())

@@ -34,15 +34,15 @@ An out-of-memory is recorded and ends that row (longer contexts are skipped), as
 time cap; ``--time-budget`` skips whatever would not finish in time, so a run always ends with
 a complete file. The order puts what a tight budget should keep first: the two flashlm rows
 above and HF + liger up to 128K, then flashlm at 256K, then the other rows, then the longest
-contexts. Results are
-written after every measurement: ``memory_sweep.json`` (GPU, versions, date, commit, settings,
-every measurement), ``memory_sweep.md`` (tables with ratios to hf_liger) and, at the end of each
-row, ``memory_sweep.png`` (memory and tokens/s against context).
+contexts. Results are written after every measurement: ``memory_sweep.json`` (the provenance
+block of ``scripts/provenance.py``, settings, every measurement), ``memory_sweep.md`` (tables
+with ratios to hf_liger) and, at the end of each row, ``memory_sweep.png`` (memory and tokens/s
+against context).
 
-    PYTHONPATH=. python3 scripts/memory_sweep.py --preset 1b 100m --out results/memory
-    PYTHONPATH=. python3 scripts/memory_sweep.py --preset 100m --quick
-    PYTHONPATH=. python3 scripts/memory_sweep.py --merge a/memory_sweep.json b/memory_sweep.json --out c
-    PYTHONPATH=. python3 scripts/memory_sweep.py --device cpu --preset debug --contexts 128 256 \
+    PYTHONPATH=. python3 scripts/bench/memory_sweep.py --preset 1b 100m --out results/memory
+    PYTHONPATH=. python3 scripts/bench/memory_sweep.py --preset 100m --quick
+    PYTHONPATH=. python3 scripts/bench/memory_sweep.py --merge a/memory_sweep.json b/memory_sweep.json --out c
+    PYTHONPATH=. python3 scripts/bench/memory_sweep.py --device cpu --preset debug --contexts 128 256 \
         --tokens-per-step 256   # dry run of the logic on CPU (peak = live tensor bytes)
 
 Needs neither datasets nor wandb; matplotlib only for the plot.
@@ -52,11 +52,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import json
-import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -64,12 +61,15 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for provenance
+from provenance import add_commit_argument, describe, environment  # noqa: E402
+
 from flashlm import GPT, GPTConfig
-from flashlm.memory import LiveTensorBytes
+from flashlm.profiling import LiveTensorBytes
 
 K = 1024
 DEFAULT_CONTEXTS = [4 * K, 8 * K, 16 * K, 32 * K, 64 * K, 128 * K, 256 * K, 512 * K]
-# The issue's range: every row runs up to here; past it, by default only the flashlm row.
+# Every row runs up to here; past it, by default only the flashlm row.
 BASE_MAX_CONTEXT = 128 * K
 LEVERS = dict(loss_chunk_size=2048, gradient_checkpointing=True, checkpoint_dtype="bfloat16",
               checkpoint_offload=True, mlp_chunk_size=16384, fused_ops="auto")
@@ -392,31 +392,6 @@ def run(args, record):
         args.on_segment_end()
 
 
-def environment(args):
-    def version(dist):
-        from importlib.metadata import PackageNotFoundError, version as dist_version
-        try:
-            return dist_version(dist)
-        except PackageNotFoundError:
-            return None
-    commit = args.commit
-    if commit is None:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                             stderr=subprocess.DEVNULL).strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = None
-    device = torch.device(args.device)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
-    return {
-        "gpu": gpu, "gpu_memory_gib": total, "torch": torch.__version__, "cuda": torch.version.cuda,
-        "triton": version("triton"), "transformers": version("transformers"), "accelerate": version("accelerate"),
-        "liger_kernel": version("liger-kernel"), "git_commit": commit, "date": datetime.date.today().isoformat(),
-        "python": platform.python_version(), "argv": sys.argv[1:],
-    }
-
-
 def tokens(n):
     """4096 -> "4K"; counts that are not whole K stay numbers."""
     return f"{n // K}K" if n % K == 0 else str(n)
@@ -443,9 +418,7 @@ def _cell(r, field, fmt):
 
 def markdown(data):
     env, results = data["environment"], data["results"]
-    lines = [f"Training-step memory and throughput, {env['gpu']}, {env['date']} (torch {env['torch']}, "
-             f"transformers {env['transformers']}, liger-kernel {env['liger_kernel']}, "
-             f"commit {str(env['git_commit'])[:10]}).", "",
+    lines = [f"Training-step memory and throughput, {describe(env, 'transformers', 'liger_kernel')}.", "",
              "Random weights and token ids; forward under bf16 autocast over fp32 weights, backward, fused "
              "AdamW. Same tokens per step at every context (batch = tokens per step / context, at least 1). "
              "Peak: `torch.cuda.max_memory_allocated` over the steps, weights, gradients and AdamW state "
@@ -549,9 +522,9 @@ def main(args):
         print(markdown(data))
         return data
     if not plan(args):
-        sys.exit(f"memory_sweep.py: nothing to run: every context in {args.contexts} is above its row's cap "
+        sys.exit(f"scripts/bench/memory_sweep.py: nothing to run: every context in {args.contexts} is above its row's cap "
                  f"(rows other than flashlm stop at {BASE_MAX_CONTEXT // K}K unless --max-context ROW=N raises it)")
-    data = {"environment": environment(args),
+    data = {"environment": environment(args.device, commit=args.commit),
             "settings": {k: v for k, v in vars(args).items() if k not in ("merge", "on_segment_end")},
             "results": []}
     data["settings"]["levers"] = LEVERS
@@ -593,7 +566,7 @@ def parse_args(argv=None):
     p.add_argument("--cpu-memory-limit-mb", type=float, default=None,
                    help="CPU dry run: raise out-of-memory past this many MiB of live tensors")
     p.add_argument("--out", default="results/memory")
-    p.add_argument("--commit", help="git commit to record when the checkout has no .git")
+    add_commit_argument(p)
     p.add_argument("--merge", nargs="+", metavar="JSON", help="combine earlier runs' JSON files into one report")
     args = p.parse_args(argv)
     if args.quick:

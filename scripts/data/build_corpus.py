@@ -7,7 +7,7 @@ with the ``rdata`` package (``pip install rdata``), strips the Project Gutenberg
 footer, splits every book into chapters and writes one jsonl file per book, one chapter a
 line: ``{"text", "title", "author", "chapter"}``.
 
-    python scripts/build_corpus.py --out data/corpus
+    python scripts/data/build_corpus.py --out data/corpus
 """
 
 import argparse

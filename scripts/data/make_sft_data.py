@@ -1,7 +1,7 @@
 """Generate flashlm's small synthetic instruction dataset: arithmetic and string tasks whose
 answers can be checked exactly.
 
-    python scripts/make_sft_data.py [--out data/sft] [--train 2800] [--test 280] [--seed 0]
+    python scripts/data/make_sft_data.py [--out data/sft] [--train 2800] [--test 280] [--seed 0]
 
 Writes ``train.jsonl`` and ``test.jsonl`` (held out: no prompt of it is in train) under
 ``--out``, one chat example per line::

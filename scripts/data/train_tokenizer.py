@@ -1,6 +1,6 @@
 """Train a byte-level BPE tokenizer on a local corpus and save it in Hugging Face format.
 
-    python scripts/train_tokenizer.py --data data/corpus --vocab-size 4096 --out data/tokenizer
+    python scripts/data/train_tokenizer.py --data data/corpus --vocab-size 4096 --out data/tokenizer
 
 The folder it writes (``tokenizer.json``, ``tokenizer_config.json``, ...) loads with
 ``transformers.AutoTokenizer.from_pretrained`` and with ``flashlm.data.load_tokenizer``.

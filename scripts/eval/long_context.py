@@ -17,14 +17,15 @@ reproducing the key, without the decoding loop.
 
 Held-out text: by default the documents the run held out (its recipe's eval split, rebuilt
 from the token cache, so no ``datasets`` install is needed when the cache exists),
-concatenated in corpus order; or ``--data`` (jsonl with a "text" field, or text files), whose
-documents are concatenated in file order.
+concatenated in corpus order; or ``--data`` (jsonl with a "text" field, or text files, one
+document per file, read as training reads them), whose documents are concatenated in file order.
 
-    PYTHONPATH=. python3 scripts/eval_long_context.py --model runs/longctx/128k --seq-len 131072
-    PYTHONPATH=. python3 scripts/eval_long_context.py --model runs/longctx/8k/hf --seq-len 8192 \\
+    PYTHONPATH=. python3 scripts/eval/long_context.py --model runs/longctx/128k --seq-len 131072
+    PYTHONPATH=. python3 scripts/eval/long_context.py --model runs/longctx/8k/hf --seq-len 8192 \\
         --tokenizer data/tokenizer --data data/corpus/austen_persuasion.jsonl
 
-Writes a JSON report (``--out``; default ``<model>/long_context_<seq_len>.json``) and prints a table.
+Writes a JSON report (``--out``; default ``<model>/long_context_<seq_len>.json``, with the
+provenance block of ``scripts/provenance.py``) and prints a table.
 """
 
 from __future__ import annotations
@@ -33,10 +34,14 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for provenance
+from provenance import environment  # noqa: E402
 
 INTRO = ("Somewhere in the long text below there is a pass key. Find it and keep it in mind; "
          "you will be asked for it.\n\n")
@@ -47,26 +52,21 @@ ANSWER = " {key}"
 
 def load_model(path, device, mlp_chunk_size):
     """A flashlm run directory or checkpoint, or a Hugging Face directory, ready for inference."""
-    from flashlm import GPT
-    from flashlm.checkpoint import is_checkpoint, load_model as load_checkpoint
+    from flashlm.training.checkpoint import load_model as load
 
-    overrides = dict(attn_backend="auto", gradient_checkpointing=False, checkpoint_dtype=None,
+    try:
+        model = load(path, attn_backend="auto", gradient_checkpointing=False, checkpoint_dtype=None,
                      checkpoint_offload=False, mlp_chunk_size=mlp_chunk_size, loss_chunk_size=4096,
                      loss_impl="chunked")
-    path = Path(path)
-    if is_checkpoint(path):
-        model = load_checkpoint(path, **overrides)
-    elif (path / "config.json").is_file():
-        model = GPT.from_pretrained(path, **overrides)
-    else:
-        raise SystemExit(f"--model {path}: neither a flashlm run/checkpoint nor a Hugging Face directory")
+    except FileNotFoundError as e:
+        raise SystemExit(f"--model: {e}") from None
     return model.to(device).eval()
 
 
 def run_recipe(path):
     """The resolved recipe of a run directory or checkpoint, or None for other models."""
-    from flashlm.checkpoint import is_checkpoint, read_recipe, resolve_checkpoint
     from flashlm.recipe import recipe_from_dict
+    from flashlm.training.checkpoint import is_checkpoint, read_recipe, resolve_checkpoint
 
     if not is_checkpoint(path):
         return None
@@ -78,7 +78,8 @@ def held_out_tokens(args, tokenizer, recipe):
     import numpy as np
 
     if args.data is None:
-        from flashlm.data import load_or_tokenize, split_documents
+        from flashlm.data.documents import load_or_tokenize
+        from flashlm.data.packing import split_documents
 
         if recipe is None:
             raise SystemExit("--data is required for a model that is not a flashlm run (no recipe to find "
@@ -90,28 +91,16 @@ def held_out_tokens(args, tokenizer, recipe):
                              "pass --data")
         pieces = [np.asarray(docs.tokens[docs.offsets[i]:docs.offsets[i + 1]]) for i in held_out]
         return torch.from_numpy(np.concatenate(pieces).astype(np.int64))
+    from flashlm.data import DataError, iter_texts
+
     ids = []
-    for text in read_documents(args.data):
-        doc = tokenizer(text, add_special_tokens=True)["input_ids"]
-        ids += doc + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    try:
+        for text in iter_texts(args.data):
+            doc = tokenizer(text, add_special_tokens=True)["input_ids"]
+            ids += doc + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    except DataError as e:
+        raise SystemExit(f"--data: {e}") from None
     return torch.tensor(ids, dtype=torch.int64)
-
-
-def read_documents(pattern):
-    """Documents of jsonl files (the "text" field of each line) or text files (one per file)."""
-    import glob
-
-    files = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else (
-        sorted(p for p in Path(pattern).rglob("*") if p.is_file()) if Path(pattern).is_dir() else [pattern])
-    if not files:
-        raise SystemExit(f"--data {pattern}: no files")
-    for f in map(Path, files):
-        if f.suffix == ".jsonl":
-            for line in f.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    yield json.loads(line)["text"]
-        elif f.suffix in (".txt", ".text", ".md"):
-            yield f.read_text(encoding="utf-8")
 
 
 class FinalHidden:
@@ -218,11 +207,14 @@ def passkey(model, tokenizer, stream, args, capture, autocast, device):
 
 def main(args):
     from flashlm.data import load_tokenizer
+    from flashlm.training.checkpoint import source_tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     recipe = run_recipe(args.model)
-    tokenizer_path = args.tokenizer or (recipe.data.tokenizer if recipe is not None else args.model)
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer_path = args.tokenizer or source_tokenizer(args.model)
+    if tokenizer_path is None:
+        raise SystemExit(f"--model {args.model} carries no tokenizer; pass --tokenizer")
+    tokenizer = load_tokenizer(str(tokenizer_path))
     model = load_model(args.model, device, args.mlp_chunk_size)
     use_autocast = args.autocast == "bf16" or (args.autocast == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast)
@@ -233,7 +225,8 @@ def main(args):
               "rope_scaling": model.config.rope_scaling,
               "max_position_embeddings": model.config.max_position_embeddings,
               "held_out_tokens": len(stream), "data": args.data or "the run's held-out documents",
-              "autocast": "bf16" if use_autocast else "none", "device": str(device)}
+              "autocast": "bf16" if use_autocast else "none", "device": str(device),
+              "environment": environment(device)}
     report["perplexity"] = perplexity_by_position(model, stream, args, capture, autocast, device)
     report["passkey"] = passkey(model, tokenizer, stream, args, capture, autocast, device)
     report["seconds"] = time.perf_counter() - start

@@ -1,16 +1,17 @@
 """Exact-match accuracy of one or more models on held-out SFT examples, overall and per task.
 
-    python scripts/eval_sft.py MODEL [MODEL ...] [--data data/sft/test.jsonl] [--json out.json]
+    python scripts/eval/sft.py MODEL [MODEL ...] [--data data/sft/test.jsonl] [--json out.json]
 
 Each MODEL is a Hugging Face Llama/Mistral directory or a flashlm checkpoint or run directory.
 Before and after fine-tuning with ``recipes/sft_debug.yaml``::
 
-    python scripts/eval_sft.py runs/debug_cpu/hf runs/sft_debug/hf
+    python scripts/eval/sft.py runs/debug_cpu/hf runs/sft_debug/hf
 
 Each model answers every example greedily (up to ``--max-new-tokens``, stopping at EOS) from
 the prompt its chat template renders, with the tokenizer the model directory carries (or
 ``--tokenizer``); the answer is correct when it equals the reference after stripping
-whitespace. Examples with a ``task`` key are also scored per task.
+whitespace. Examples with a ``task`` key are also scored per task. ``--json`` writes the
+provenance block of ``scripts/provenance.py`` and every model's per-example results.
 """
 
 import argparse
@@ -20,6 +21,9 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for provenance
+from provenance import environment  # noqa: E402
 
 
 @dataclass(kw_only=True)
@@ -34,19 +38,20 @@ class EvalConfig:
 
 def load(source: str, tokenizer: str | None):
     """(model, tokenizer) for a Hugging Face directory or a flashlm checkpoint/run directory."""
-    from flashlm.export import load_source
+    from flashlm.data import load_tokenizer
+    from flashlm.training.checkpoint import load_model, source_tokenizer
 
-    model, tok = load_source(source, tokenizer)
-    if tok is None:
+    tokenizer = tokenizer or source_tokenizer(source)
+    if tokenizer is None:
         raise ValueError(f"{source} carries no tokenizer; pass --tokenizer")
-    model.config.attn_backend = "sdpa"
-    return model.eval(), tok
+    return load_model(source, attn_backend="sdpa").eval(), load_tokenizer(str(tokenizer))
 
 
 def main(cfg: EvalConfig) -> list[dict]:
     """Score every model; prints a table and returns one summary dict per model."""
-    from flashlm.corpus import resolve_files
-    from flashlm.sft import exact_match, read_records, use_chat_template
+    from flashlm.data.chat import read_records, use_chat_template
+    from flashlm.data.sources import resolve_files
+    from flashlm.training.evaluate import exact_match
 
     records = read_records(resolve_files(cfg.data, "jsonl")[1])
     summaries = []
@@ -70,12 +75,13 @@ def main(cfg: EvalConfig) -> list[dict]:
         cells = " ".join(f"{s['per_task'].get(t, float('nan')):>8.1%}" for t in tasks)
         print(f"{s['model']:<32} {s['exact_match']:>6.1%} {cells}")
     if cfg.json:
-        Path(cfg.json).write_text(json.dumps(summaries, indent=1), encoding="utf-8")
+        report = {"environment": environment("cpu"), "models": summaries}
+        Path(cfg.json).write_text(json.dumps(report, indent=1), encoding="utf-8")
     return summaries
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="eval_sft.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="scripts/eval/sft.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="Hugging Face directories or flashlm checkpoints/run directories")
     parser.add_argument("--data", default=EvalConfig.data, help="held-out jsonl (default %(default)s)")
     parser.add_argument("--tokenizer", help="tokenizer (default: the model's own)")
@@ -86,7 +92,7 @@ def cli(argv: list[str]) -> int:
     try:
         main(EvalConfig(**vars(args)))
     except (OSError, ValueError) as e:
-        print(f"eval_sft.py: error: {e}", file=sys.stderr)
+        print(f"scripts/eval/sft.py: error: {e}", file=sys.stderr)
         return 2
     return 0
 
