@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -112,11 +113,15 @@ class OptimConfig:
     eps: float = 1e-8
 
     def __post_init__(self):
-        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
-        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
-        _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
+        # Every range torch.optim.AdamW itself refuses is refused here, before anything runs, and
+        # non-finite values (which AdamW accepts and then trains to NaN) too.
+        _check(0 < self.lr < math.inf, "optim.lr", self.lr, "must be a finite number > 0")
+        _check(0 <= self.weight_decay < math.inf, "optim.weight_decay", self.weight_decay,
+               "must be a finite number >= 0")
+        _check(0 <= self.grad_clip <= math.inf, "optim.grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
         for name in ("beta1", "beta2"):
             _check(0 <= getattr(self, name) < 1, f"optim.{name}", getattr(self, name), "must be in [0, 1)")
+        _check(0 < self.eps < 1, "optim.eps", self.eps, "must be in (0, 1)")
 
 
 @dataclass(kw_only=True)
@@ -160,11 +165,16 @@ class TrainingConfig:
     # Attend within documents only: the packed batches' boundaries (cu_seqlens) and per-document
     # positions go to the model (flash: varlen kernel; sdpa/eager: a block-diagonal mask).
     document_mask: bool = False
+    # A step whose loss or gradient norm is NaN or infinite: "stop" (exit non-zero, naming the
+    # step, the value and the last good checkpoint) or "skip" (no update; after max_skipped_steps
+    # skipped steps in one run, stop).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 10
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "seq_len", "keep_last"):
             _check(getattr(self, name) >= 1, f"training.{name}", getattr(self, name), "must be >= 1")
-        for name in ("eval_every", "ckpt_every"):
+        for name in ("eval_every", "ckpt_every", "max_skipped_steps"):
             _check(getattr(self, name) >= 0, f"training.{name}", getattr(self, name), "must be >= 0")
         if self.eval_batches is not None:
             _check(self.eval_batches >= 1, "training.eval_batches", self.eval_batches, "must be >= 1 or null")
@@ -262,7 +272,7 @@ class Recipe:
 RUN_CONTROL_KEYS = (
     "output_dir", "resume", "logging", "export", "data.cache_dir", "data.num_proc", "training.steps",
     "training.stop_at_step", "training.eval_every", "training.eval_batches", "training.ckpt_every",
-    "training.keep_last",
+    "training.keep_last", "training.on_nonfinite", "training.max_skipped_steps",
 )
 
 

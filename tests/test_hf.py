@@ -5,6 +5,7 @@ clear errors for checkpoints flashlm cannot load.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -174,11 +175,17 @@ def test_export_import_export_round_trip(tmp_path, shard):
 
 
 def test_reexport_replaces_stale_shards(tmp_path):
+    """Re-exporting needs overwrite=True, and then the directory holds the new export only."""
     torch.manual_seed(0)
     model = GPT(tiny_config())
     save_pretrained(model, tmp_path, max_shard_size=20_000)
-    save_pretrained(model, tmp_path)
+    sharded = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(FileExistsError, match="already holds files; pass overwrite=True"):
+        save_pretrained(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sharded
+    save_pretrained(model, tmp_path, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}.*"))  # no staging directory left behind
 
 
 def test_export_writes_generation_config_tokenizer_and_bf16(tmp_path):
@@ -195,6 +202,53 @@ def test_export_writes_generation_config_tokenizer_and_bf16(tmp_path):
     for name, tensor in load_file(tmp_path / "model.safetensors").items():
         assert tensor.dtype == torch.bfloat16, name
     torch.testing.assert_close(hf.model.embed_tokens.weight, model.embed.weight.detach().bfloat16(), rtol=0, atol=0)
+
+
+GREEDY_SCRIPT = """
+import json, sys
+import torch, transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path = sys.argv[1]
+tokenizer = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+ids = tokenizer("It is a truth universally acknowledged", return_tensors="pt").input_ids
+out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+print(json.dumps({"version": transformers.__version__, "tokenizer": type(tokenizer).__name__,
+                  "ids": ids[0].tolist(), "text": tokenizer.decode(out[0])}))
+"""
+
+
+def greedy_in(path, oldest=None):
+    """Tokenizer class, prompt ids and greedy text of an export, loaded by the transformers of
+    this environment, or by the oldest supported one (a separate install put first on the path)."""
+    env = dict(os.environ, PYTHONSAFEPATH="1", HF_HUB_OFFLINE="1")
+    if oldest:
+        env["PYTHONPATH"] = oldest
+    out = subprocess.run([sys.executable, "-c", GREEDY_SCRIPT, str(path)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_export_loads_in_the_oldest_and_newest_transformers(tmp_path):
+    """An export (model, tokenizer, chat template) loads with transformers 4.46, the oldest that
+    pyproject.toml admits, and with the newest: the same tokenizer ids and the same greedy text."""
+    oldest = os.environ.get("FLASHLM_TRANSFORMERS_OLDEST")
+    if not oldest:
+        pytest.skip("FLASHLM_TRANSFORMERS_OLDEST is unset: scripts/test.sh installs transformers 4.46 and sets it")
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "tokenizer")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    model = GPT(tiny_config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id))
+    save_pretrained(model, tmp_path, tokenizer=tokenizer)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and "is_local" not in config
+    assert config["chat_template"] == tokenizer.chat_template
+    new, old = greedy_in(tmp_path), greedy_in(tmp_path, oldest)
+    assert old["version"].startswith("4.46.") and new["version"] == transformers.__version__
+    assert old["tokenizer"] == "PreTrainedTokenizerFast"  # v5 loads the same file as its TokenizersBackend
+    assert old["ids"] == new["ids"] == tokenizer("It is a truth universally acknowledged").input_ids
+    assert old["text"] == new["text"]
 
 
 # --- the export command ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The long-context memory levers (flashlm.memory) on CPU: each gives the plain path's loss and
+"""The long-context memory levers (flashlm.model.checkpointing) on CPU: each gives the plain path's loss and
 gradients, and each saves the memory it is for, counted by ``LiveTensorBytes``.
 
 Levers: checkpointing (exact), bf16 checkpointed inputs (judged against an fp32 run, no worse

@@ -18,12 +18,15 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from flashlm.model import GPT
 from flashlm.model.config import ROPE_SCALING_KEYS, GPTConfig
+from flashlm.training.rundir import holds_training_state
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ _LLAMA_ONLY_KEYS = ("attention_bias", "mlp_bias", "pretraining_tp")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _INDEX = "model.safetensors.index.json"
+_TOKENIZER_LOADER_STATE = ("is_local", "local_files_only", "_commit_hash", "name_or_path")
 
 
 class UnsupportedCheckpointError(ValueError):
@@ -194,25 +198,63 @@ def _rope_from_hf(values, max_position_embeddings):
     return rope_theta, {"rope_type": rope_type, **params}
 
 
-def save_pretrained(model, save_directory, tokenizer=None, dtype=None, max_shard_size="5GB"):
+def save_pretrained(model, save_directory, tokenizer=None, dtype=None, max_shard_size="5GB", overwrite=False):
     """Write ``model`` as a Hugging Face ``LlamaForCausalLM`` directory (``MistralForCausalLM`` with a window).
 
     Args:
         model: a ``flashlm.GPT``.
-        save_directory: created if needed; previous weight files in it are replaced.
+        save_directory: created if needed. A directory that holds anything is refused unless
+            ``overwrite``, and then replaced as a whole; a flashlm run or checkpoint directory
+            (or anything inside one) is always refused. The export is written into a temporary
+            sibling directory and renamed into place when complete, so an interrupted export
+            leaves the destination as it was.
         tokenizer: optional; an object with ``save_pretrained`` (a transformers tokenizer) or a path
             or hub name that ``AutoTokenizer`` loads. Its files are written next to the model.
         dtype: weight dtype on disk (default: the model's parameter dtype).
         max_shard_size: bytes (int) or a string such as "5GB" or "500MiB"; larger models are split
             into ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``.
+        overwrite: replace a destination that already holds files.
 
     Returns:
         The directory as a Path.
     """
+    final = Path(save_directory)
+    check_export_destination(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        _write_export(model, directory, tokenizer, dtype, max_shard_size)
+        directory.chmod(0o755)
+        if final.exists():
+            old = directory.with_suffix(".old")
+            os.rename(final, old)
+            os.rename(directory, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(directory, final)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return final
+
+
+def check_export_destination(directory, overwrite=False):
+    """Raise unless ``save_pretrained`` may write ``directory``: never a flashlm run or
+    checkpoint directory (or anything inside one), and a directory holding files only with
+    ``overwrite``."""
+    directory = Path(directory)
+    if holds_training_state(directory):
+        raise ValueError(f"{directory} is a flashlm run or checkpoint directory (or inside one); export into a "
+                         "directory of its own")
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} exists and is not a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"{directory} already holds files; pass overwrite=True (flashlm export --overwrite) "
+                              "to replace them, or export into a new directory")
+
+
+def _write_export(model, directory, tokenizer, dtype, max_shard_size):
     from safetensors.torch import save_file
 
-    directory = Path(save_directory)
-    directory.mkdir(parents=True, exist_ok=True)
     config = model.config
     dtype = dtype or model.embed.weight.dtype
     if dtype not in _DTYPE_NAMES:
@@ -228,24 +270,16 @@ def save_pretrained(model, save_directory, tokenizer=None, dtype=None, max_shard
     tensors = {theirs: params[ours].detach().to(device="cpu", dtype=dtype).contiguous()
                for ours, theirs in hf_names(config)}
     shards = _shard(tensors, _parse_size(max_shard_size))
-    written = set()
     if len(shards) == 1:
-        _atomic(directory / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        written.add("model.safetensors")
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     else:
         weight_map = {}
         for n, names in enumerate(shards, 1):
             filename = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-            shard = {name: tensors[name] for name in names}
-            _atomic(directory / filename, lambda p: save_file(shard, p, metadata={"format": "pt"}))
+            save_file({name: tensors[name] for name in names}, directory / filename, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(names, filename))
-            written.add(filename)
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         _write_json(directory / _INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        written.add(_INDEX)
-    for stale in directory.iterdir():
-        if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", stale.name) and stale.name not in written:
-            stale.unlink()
     _write_json(directory / "config.json", to_hf_config(config, dtype))
     generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     _write_json(directory / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
@@ -255,7 +289,29 @@ def save_pretrained(model, save_directory, tokenizer=None, dtype=None, max_shard
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         tokenizer.save_pretrained(directory)
-    return directory
+        _portable_tokenizer_config(directory)
+
+
+def _portable_tokenizer_config(directory):
+    """Make the saved ``tokenizer_config.json`` load in transformers 4 as well as 5.
+
+    transformers 5 names its tokenizer class ``TokenizersBackend`` (a class 4.x lacks, so its
+    ``AutoTokenizer`` fails) and records loader state (``is_local``, ``local_files_only``); its
+    chat template may sit in ``chat_template.jinja``, which 4.x before 4.50 does not read. The
+    fast-tokenizer class both majors know, without the loader state, and the template inline.
+    """
+    path = directory / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") in (None, "TokenizersBackend"):
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in _TOKENIZER_LOADER_STATE:
+        config.pop(key, None)
+    template = directory / "chat_template.jinja"
+    if "chat_template" not in config and template.is_file():
+        config["chat_template"] = template.read_text(encoding="utf-8")
+    _write_json(path, config)
 
 
 def load_pretrained(directory, **overrides):

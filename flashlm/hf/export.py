@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from flashlm.hf.convert import push_to_hub, save_pretrained
+from flashlm.hf.convert import check_export_destination, push_to_hub, save_pretrained
 from flashlm.training.checkpoint import load_model, source_tokenizer
 from flashlm.validation import invalid
 
@@ -34,6 +34,8 @@ class ExportArgs:
     max_shard_size: e.g. "5GB"; larger models are sharded with an index.
     push_to_hub: a Hub repository id to upload the directory to.
     private: create the Hub repository as private.
+    overwrite: replace an ``output_dir`` that already holds files (refused otherwise). A flashlm
+        run or checkpoint directory is never written into.
     """
 
     source: str
@@ -43,6 +45,7 @@ class ExportArgs:
     max_shard_size: str = "5GB"
     push_to_hub: str | None = None
     private: bool = False
+    overwrite: bool = False
 
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -51,14 +54,18 @@ class ExportArgs:
 
 def main(cfg):
     """Export ``cfg.source`` to ``cfg.output_dir`` (and push it); returns the output directory."""
+    check_export_destination(cfg.output_dir, cfg.overwrite)
     model = load_model(cfg.source)
+    if not all(bool(p.isfinite().all()) for p in model.parameters()):
+        raise ValueError(f"{cfg.source} holds NaN or infinite weights; refusing to export them")
     tokenizer = cfg.tokenizer or source_tokenizer(cfg.source)
     if tokenizer is not None:
         from flashlm.data import load_tokenizer
 
         tokenizer = load_tokenizer(str(tokenizer))
     out = save_pretrained(model, cfg.output_dir, tokenizer=tokenizer,
-                          dtype=DTYPES[cfg.dtype] if cfg.dtype else None, max_shard_size=cfg.max_shard_size)
+                          dtype=DTYPES[cfg.dtype] if cfg.dtype else None, max_shard_size=cfg.max_shard_size,
+                          overwrite=cfg.overwrite)
     print(f"exported {model.num_params():,} parameters to {out}" + ("" if tokenizer else " (no tokenizer)"))
     if cfg.push_to_hub:
         push_to_hub(out, cfg.push_to_hub, private=cfg.private)
@@ -76,6 +83,7 @@ def cli(argv):
     parser.add_argument("--max-shard-size", default="5GB", help="shard the weights past this size (default 5GB)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the directory to this Hub repository")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output_dir that already holds files")
     args = parser.parse_args(argv)
     try:
         main(ExportArgs(**vars(args)))

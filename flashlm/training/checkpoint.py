@@ -11,13 +11,20 @@ state of every process) plus three files of ours:
 
 A checkpoint is written into ``.step_00000020.tmp`` and renamed to its final name only after
 every file is on disk, so a directory named ``step_*`` is always complete; a run killed while
-saving leaves only a ``.tmp`` directory, which the next save of that step replaces. After a
-save, all but the newest ``keep_last`` complete checkpoints are deleted.
+saving leaves only a ``.tmp`` directory, which the next save of that step replaces.
+
+Integrity: the commit records the size and SHA-256 of every file in ``checksums.json``.
+``verify`` recomputes them; resume and export read only checkpoints that verify, a run
+directory resolves to its newest good checkpoint (each bad one is reported by file and reason),
+and pruning keeps the newest ``keep_last`` good checkpoints: a newer bad one never costs a good
+one. Checkpoints written before checksums were recorded are accepted as they are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,10 +36,18 @@ import yaml
 from flashlm.hf.convert import load_pretrained
 from flashlm.model import GPT, GPTConfig
 
+logger = logging.getLogger(__name__)
+
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.json"
 RECIPE = "recipe.yaml"
+CHECKSUMS = "checksums.json"
+RUN_TOKENIZER = "tokenizer"  # a run keeps a copy of its tokenizer here, beside checkpoints/
 _NAME = re.compile(r"^step_(\d{8})$")
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint whose files do not match the checksums recorded when it was written."""
 
 
 class CheckpointManager:
@@ -48,9 +63,10 @@ class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int):
         self.root = Path(root)
         self.keep_last = keep_last
+        self._good: set[Path] = set()  # written or verified by this process: not hashed again
 
     def complete(self) -> list[tuple[int, Path]]:
-        """``(step, path)`` of every complete checkpoint, oldest first."""
+        """``(step, path)`` of every complete checkpoint, oldest first (verified or not)."""
         if not self.root.is_dir():
             return []
         found = []
@@ -60,8 +76,22 @@ class CheckpointManager:
                 found.append((int(match.group(1)), path))
         return sorted(found)
 
+    def good(self) -> list[tuple[int, Path]]:
+        """The complete checkpoints that verify, oldest first; each one that does not is logged
+        with its file and reason."""
+        found = []
+        for step, path in self.complete():
+            problem = None if path in self._good else verify(path)
+            if problem is None:
+                self._good.add(path)
+                found.append((step, path))
+            else:
+                logger.warning("checkpoint %s is unusable: %s", path, problem)
+        return found
+
     def latest(self) -> Path | None:
-        found = self.complete()
+        """The newest checkpoint that verifies."""
+        found = self.good()
         return found[-1][1] if found else None
 
     def path(self, step: int) -> Path:
@@ -80,10 +110,12 @@ class CheckpointManager:
         return tmp
 
     def commit(self, step: int, trainer_state: dict[str, Any], recipe: dict[str, Any], model_config: dict[str, Any]) -> Path:
-        """Write our files into the staging directory, rename it into place, prune old ones."""
+        """Write our files and the checksums into the staging directory, rename it into place,
+        prune old ones."""
         tmp = self.staging_path(step)
         (tmp / RECIPE).write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
         _write_json(tmp / MODEL_CONFIG, model_config)
+        _write_json(tmp / CHECKSUMS, _checksums(tmp))
         # Written last: its presence is what makes a directory a complete checkpoint.
         _write_json(tmp / TRAINER_STATE, trainer_state)
         final = self.path(step)
@@ -98,23 +130,74 @@ class CheckpointManager:
         else:
             os.rename(tmp, final)
         _fsync_dir(self.root)
+        self._good.add(final)
         self.prune()
         return final
 
     def prune(self) -> None:
-        """Delete all but the newest ``keep_last`` complete checkpoints."""
-        for _, path in self.complete()[: -self.keep_last]:
+        """Delete all but the newest ``keep_last`` good checkpoints. Checkpoints that fail
+        verification are neither counted nor deleted (they are kept for inspection)."""
+        for _, path in self.good()[: -self.keep_last]:
             shutil.rmtree(path)
+            self._good.discard(path)
+
+
+def verify(checkpoint: str | Path) -> str | None:
+    """Why ``checkpoint``'s files do not match its recorded checksums, or None when they do (or
+    when it predates checksums). Catches missing, truncated and altered files."""
+    checkpoint = Path(checkpoint)
+    try:
+        recorded = read_json(checkpoint / CHECKSUMS)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return f"{CHECKSUMS} cannot be read ({e})"
+    try:
+        read_json(checkpoint / TRAINER_STATE)
+    except (OSError, ValueError) as e:
+        return f"{TRAINER_STATE} cannot be read ({e})"
+    for name, (size, digest) in recorded.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written (truncated or altered)"
+        if _sha256(path) != digest:
+            return f"{name} does not match its checksum (altered on disk)"
+    return None
+
+
+def _checksums(directory: Path) -> dict[str, list]:
+    """``{relative path: [size, sha256]}`` of every file under ``directory``."""
+    return {str(p.relative_to(directory)): [p.stat().st_size, _sha256(p)]
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory that ``path`` names: a checkpoint itself, or a run directory
-    (its latest complete checkpoint). Raises ``FileNotFoundError`` when there is none."""
+    """The checkpoint directory that ``path`` names, verified: a checkpoint itself, or a run
+    directory (its newest good checkpoint; the bad ones newer than it are logged). Raises
+    ``FileNotFoundError`` when there is none and ``CorruptCheckpointError`` for a named
+    checkpoint that fails verification."""
     path = Path(path)
     if (path / TRAINER_STATE).is_file():
+        problem = verify(path)
+        if problem is not None:
+            raise CorruptCheckpointError(f"checkpoint {path} is unusable: {problem}")
         return path
-    latest = CheckpointManager(path / "checkpoints", keep_last=1).latest()
+    manager = CheckpointManager(path / "checkpoints", keep_last=1)
+    latest = manager.latest()
     if latest is None:
+        bad = manager.complete()
+        if bad:
+            raise CorruptCheckpointError(f"{path}: none of its {len(bad)} checkpoints verifies (see the warnings above)")
         raise FileNotFoundError(f"{path} is neither a flashlm checkpoint nor a run directory with complete checkpoints")
     return latest
 
@@ -150,12 +233,26 @@ def load_model(source: str | Path, **overrides):
 
 
 def source_tokenizer(source: str | Path) -> str | None:
-    """The tokenizer that belongs to ``source`` (as ``load_model`` reads it): the tokenizer a
-    flashlm run's recipe names, or the Hugging Face directory itself when it holds tokenizer
-    files; None when there is none."""
+    """The tokenizer that belongs to ``source`` (as ``load_model`` reads it), or None.
+
+    For a flashlm run: the copy the run keeps in ``<run>/tokenizer``; for runs without one, the
+    tokenizer its recipe names, a relative path resolved against the current directory and then
+    against the run's parent directories (where the run was started from), so that export works
+    from anywhere. For a Hugging Face directory: the directory itself when it holds tokenizer files.
+    """
     path = Path(source)
     if is_checkpoint(path):
-        return (read_recipe(resolve_checkpoint(path)).get("data") or {}).get("tokenizer")
+        ckpt = resolve_checkpoint(path)
+        run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+        if run is not None and (run / RUN_TOKENIZER).is_dir():
+            return str(run / RUN_TOKENIZER)
+        recorded = (read_recipe(ckpt).get("data") or {}).get("tokenizer")
+        if recorded is None or Path(recorded).is_absolute() or Path(recorded).exists():
+            return recorded
+        for parent in ckpt.resolve().parents:
+            if (parent / recorded).exists():
+                return str(parent / recorded)
+        return recorded
     if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         return str(path)
     return None

@@ -42,19 +42,32 @@ from flashlm.hf.convert import save_pretrained
 from flashlm.model import GPT, GPTConfig
 from flashlm.recipe import Recipe, RecipeError, load_recipe, trajectory_diff, valid_keys
 from flashlm.training.checkpoint import (
+    RUN_TOKENIZER,
     TRAINER_STATE,
     CheckpointManager,
+    CorruptCheckpointError,
+    is_checkpoint,
     load_model,
     read_json,
     read_recipe,
     resolve_checkpoint,
+    verify,
 )
 from flashlm.training.evaluate import evaluate
 from flashlm.training.optim import build_optimizer, lr_at
+from flashlm.training.rundir import RunLock, RunLockedError, check_output_dir, is_run_dir, lock_holder
+
+
+logger = logging.getLogger(__name__)
 
 
 class StartError(Exception):
     """The run cannot start: bad inputs, found before anything was written."""
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss, gradient norm or weight; the run stopped without
+    writing a checkpoint or an export of the non-finite model."""
 
 
 # Dense bf16 tensor-core peaks, FLOP/s per device, for MFU.
@@ -86,8 +99,15 @@ class MetricsLog:
         self.path = path
         kept = []
         if keep_through > 0 and path.exists():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= keep_through]
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line torn by a crash or a full disk: what it said is lost anyway
+                    logger.warning("%s: dropping a line that is not JSON (torn by an interrupted write): %.60r",
+                                   path, line)
+                    continue
+                if record.get("step", 0) <= keep_through:
+                    kept.append(line)
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -124,6 +144,22 @@ def setup(cfg: Recipe) -> Run:
         project_dir=cfg.output_dir,
     )
     set_seed(t.seed)
+    out = Path(cfg.output_dir)
+    holder = lock_holder(out)
+    if holder is not None:
+        raise StartError(f"output_dir {out} is in use by another flashlm run (pid {holder}); wait for it to end "
+                         "or choose another output_dir. Nothing was changed.")
+    problem = check_output_dir(out)
+    if problem is not None:
+        raise StartError(problem)
+    if cfg.export.enabled and cfg.export.dir:
+        export_dir = Path(cfg.export.dir)
+        if is_checkpoint(export_dir) or is_run_dir(export_dir):
+            raise StartError(f"export.dir={cfg.export.dir!r} is a flashlm run or checkpoint directory; export into "
+                             "a directory of its own. Nothing was changed.")
+        if cfg.resume is False and export_dir.is_dir() and any(export_dir.iterdir()):
+            raise StartError(f"export.dir={cfg.export.dir!r} is not empty; a new run exports into a new or empty "
+                             "directory. Nothing was changed.")
     try:
         tokenizer = flashlm_data.load_tokenizer(cfg.data.tokenizer)
         model = build_model(cfg, tokenizer)
@@ -134,7 +170,7 @@ def setup(cfg: Recipe) -> Run:
                 "context its RoPE is configured for; lower training.seq_len or raise model.max_position_embeddings "
                 "(with rope_scaling if the model was trained shorter)"
             )
-        checkpoints = CheckpointManager(Path(cfg.output_dir) / "checkpoints", t.keep_last)
+        checkpoints = CheckpointManager(out / "checkpoints", t.keep_last)
         resume_from = _find_resume(cfg, checkpoints)
         with accelerator.main_process_first():
             data = flashlm_data.prepare_data(cfg.data, tokenizer, seq_len=t.seq_len)
@@ -180,7 +216,10 @@ def main(cfg: Recipe) -> dict[str, Any]:
     t, out = cfg.training, Path(cfg.output_dir)
     step, tokens_seen = 0, 0
     if run.resume_from is not None:
-        accelerator.load_state(str(run.resume_from))
+        try:
+            accelerator.load_state(str(run.resume_from))
+        except Exception as e:  # a checkpoint written before checksums, truncated or altered
+            raise StartError(f"cannot resume from {run.resume_from}: {type(e).__name__}: {e}") from e
         state = read_json(run.resume_from / TRAINER_STATE)
         step, tokens_seen = state["step"], state["tokens_seen"]
         train_loader.load_state_dict(state["data"])
@@ -188,11 +227,16 @@ def main(cfg: Recipe) -> dict[str, Any]:
         if before != t.steps:
             accelerator.print(f"training.steps changed from {before} to {t.steps}: the schedule now spans {t.steps} steps")
 
-    # Inputs are valid: from here on the run writes into its output directory.
-    metrics = None
+    # Inputs are valid: from here on the run writes into its output directory, holding its lock.
+    metrics = lock = None
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = RunLock(out)
+        except RunLockedError as e:
+            raise StartError(str(e)) from e
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        if not (out / RUN_TOKENIZER).is_dir():  # export finds the tokenizer here, from any directory
+            run.tokenizer.save_pretrained(out / RUN_TOKENIZER)
         metrics = MetricsLog(out / "metrics.jsonl", keep_through=step)
     _start_trackers(accelerator, cfg)
     unwrapped = accelerator.unwrap_model(model)
@@ -221,6 +265,7 @@ def main(cfg: Recipe) -> dict[str, Any]:
         return loss
 
     def save_checkpoint() -> None:
+        _check_finite(step, model, optimizer, run.checkpoints)
         trainer_state = {"step": step, "tokens_seen": tokens_seen, "data": train_loader.state_dict()}
         staging = run.checkpoints.staging_path(step)
         if accelerator.is_main_process:
@@ -235,7 +280,7 @@ def main(cfg: Recipe) -> dict[str, Any]:
         accelerator.wait_for_everyone()
 
     progress = _progress_bar(cfg, accelerator, initial=step, total=last_step)
-    train_loss = None
+    train_loss, skipped = None, 0
     eval_loss = run_eval() if step == 0 else None  # the untrained model's loss: ln(vocab) or so
     window_start, window_tokens = time.perf_counter(), 0
     while step < last_step:
@@ -252,7 +297,17 @@ def main(cfg: Recipe) -> dict[str, Any]:
                 accelerator.backward(loss / t.grad_accum_steps)
             loss_sum += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-        optimizer.step()
+        # One host sync per step (none per micro-step): both values are reduced over processes.
+        bad = _nonfinite(loss_sum, grad_norm)
+        if bad is not None:
+            skipped += 1
+            log({"step": step + 1, "skipped": True, "loss": bad[0], "grad_norm": bad[1]})
+            if t.on_nonfinite == "stop" or skipped > t.max_skipped_steps:
+                raise DivergedError(_diverged_message(step + 1, bad, t, skipped, run.checkpoints))
+            accelerator.print(f"step {step + 1}: loss {bad[0]}, gradient norm {bad[1]}: step skipped, no update "
+                              f"({skipped} of at most {t.max_skipped_steps} skipped)")
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += tokens_per_step
@@ -284,11 +339,15 @@ def main(cfg: Recipe) -> dict[str, Any]:
     export_dir = None
     if cfg.export.enabled and step == t.steps:
         export_dir = cfg.export_dir
+        _check_finite(step, model, None, run.checkpoints)
         if accelerator.is_main_process:
-            save_pretrained(unwrapped, export_dir, tokenizer=run.tokenizer)
+            # The run's own export is replaced when a resumed run finishes again.
+            save_pretrained(unwrapped, export_dir, tokenizer=run.tokenizer, overwrite=True)
             accelerator.print(f"exported a Hugging Face model to {export_dir}")
         accelerator.wait_for_everyone()
     accelerator.end_training()
+    if lock is not None:
+        lock.release()
 
     summary = {
         "step": step, "train_loss": train_loss, "eval_loss": eval_loss,
@@ -336,14 +395,26 @@ def _find_resume(cfg: Recipe, checkpoints: CheckpointManager) -> Path | None:
     if cfg.resume is True:
         if not existing:
             raise StartError(f"--resume: no complete checkpoint in {checkpoints.root}")
-        path = existing[-1][1]
+        good = checkpoints.good()
+        if not good:
+            problems = "; ".join(f"{p.name}: {verify(p)}" for _, p in existing)
+            raise StartError(f"--resume: no checkpoint in {checkpoints.root} verifies ({problems}). Nothing was changed.")
+        path = good[-1][1]
+        for _, bad in existing:
+            if bad.name > path.name:
+                logger.warning("not resuming from %s, which fails verification (%s); falling back to %s, the newest "
+                               "good checkpoint", bad, verify(bad), path)
     else:
         try:
             path = resolve_checkpoint(cfg.resume)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, CorruptCheckpointError) as e:
             raise StartError(f"--resume={cfg.resume}: {e}") from e
+    resumed_step = read_json(path / TRAINER_STATE)["step"]
+    if resumed_step > cfg.training.steps:
+        raise StartError(f"cannot resume: {path} is at step {resumed_step}, past training.steps={cfg.training.steps}; "
+                         "raise training.steps to continue training, or export the checkpoint. Nothing was changed.")
     recipe = cfg.to_dict()
-    for other in {path, *(p for _, p in existing[-1:])}:
+    for other in {path, *(p for _, p in checkpoints.good()[-1:])}:
         diff = trajectory_diff(read_recipe(other), recipe)
         if diff:
             raise StartError(
@@ -352,6 +423,37 @@ def _find_resume(cfg: Recipe, checkpoints: CheckpointManager) -> Path | None:
                 "and export may change) or choose another output_dir. Nothing was changed."
             )
     return path
+
+
+def _nonfinite(loss_sum, grad_norm) -> tuple[float, float] | None:
+    """(loss, grad norm) as floats when either is NaN or infinite, else None: one host sync."""
+    values = torch.stack([loss_sum.detach().float(), torch.as_tensor(grad_norm, device=loss_sum.device).float()])
+    if bool(torch.isfinite(values).all()):
+        return None
+    return float(values[0]), float(values[1])
+
+
+def _diverged_message(step: int, bad: tuple[float, float], t, skipped: int, checkpoints: CheckpointManager) -> str:
+    good = checkpoints.good()
+    where = (f"the last good checkpoint is {good[-1][1]} (continue with --resume, e.g. with a lower optim.lr)"
+             if good else "no checkpoint was written before it")
+    why = ("training.on_nonfinite=stop" if t.on_nonfinite == "stop"
+           else f"{skipped} steps skipped, more than training.max_skipped_steps={t.max_skipped_steps}")
+    return f"training diverged at step {step}: loss {bad[0]}, gradient norm {bad[1]} ({why}); {where}"
+
+
+def _check_finite(step: int, model, optimizer, checkpoints: CheckpointManager) -> None:
+    """Raise ``DivergedError`` if a weight (or an optimizer state tensor) is NaN or infinite, so
+    that no checkpoint or export ever holds one."""
+    tensors = [p.detach() for p in model.parameters()]
+    if optimizer is not None:
+        tensors += [v for state in optimizer.state.values() for v in state.values()
+                    if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
+        return
+    good = checkpoints.good()
+    where = f"the last good checkpoint is {good[-1][1]}" if good else "no checkpoint was written before it"
+    raise DivergedError(f"the model holds non-finite weights or optimizer state at step {step}: not saving it; {where}")
 
 
 def _eval_batches(run: Run):
@@ -397,6 +499,9 @@ def cli(argv: list[str]) -> int:
     except (RecipeError, StartError) as e:
         print(f"flashlm train: error: {e}", file=sys.stderr)
         return 2
+    except DivergedError as e:
+        print(f"flashlm train: error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 
