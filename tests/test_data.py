@@ -216,6 +216,34 @@ def test_rank_shards_are_disjoint_and_even():
     assert not eval_rows[0] & eval_rows[1]
 
 
+def test_resume_on_another_number_of_processes():
+    """Two ranks consume k steps; resumed on 1 or 4 ranks from that state, the new ranks take the
+    next unconsumed blocks of the same epoch order: no block twice, none skipped, and the next
+    epoch starts where the uninterrupted schedule's would."""
+    split = pack([np.arange(i * 100, i * 100 + 40, dtype=np.uint32) for i in range(60)], range(60), 8)
+    order = np.random.default_rng([0, 1, 0]).permutation(len(split))
+    two = [TrainLoader(split, batch_size=2, seed=0, rank=r, world_size=2) for r in range(2)]
+    seen = [row for ld in two for b in batches(ld, 5) for row in b["input_ids"].tolist()]
+    state = json.loads(json.dumps(two[0].state_dict()))
+    assert state["consumed"] == 20 and two[1].state_dict() == state
+    for world in (1, 4):
+        resumed = [TrainLoader(split, batch_size=2, seed=0, rank=r, world_size=world) for r in range(world)]
+        for ld in resumed:
+            ld.load_state_dict(state)
+        steps = (len(split) - 20) // (2 * world)
+        rest = [row for ld in resumed for b in batches(ld, steps) for row in b["input_ids"].tolist()]
+        rows = sorted(map(tuple, seen + rest))
+        used = 20 + steps * 2 * world
+        assert rows == sorted(tuple(split.blocks[i].astype(np.int64).tolist()) for i in order[:used])
+        assert resumed[0].state_dict()["epoch"] == 0
+        next(resumed[0])
+        assert resumed[0].state_dict()["epoch"] == 1  # the tail that fills no step is dropped
+    old = {"epoch": 0, "batch": 5, "seed": 0, "batch_size": 2, "world_size": 2, "n_blocks": len(split)}
+    legacy = TrainLoader(split, batch_size=2, seed=0, rank=0, world_size=2)
+    legacy.load_state_dict(old)  # a state written before positions were recorded
+    assert legacy.consumed == 20
+
+
 def test_eval_loader_repeats_the_same_batches(tok, tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", make_docs(seed=4, n=40))
     data = prepare_data(config(path, tmp_path, eval_fraction=0.25), tok, seq_len=32)

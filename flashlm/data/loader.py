@@ -30,46 +30,57 @@ def _check_rank(batch_size, rank, world_size):
 
 
 class TrainLoader:
-    """Infinite training batches over a ``PackedSplit``: epoch ``e`` visits the blocks in the
-    order ``permutation(seed, e)``, rank ``r`` of ``w`` taking positions ``r, r + w, ...``;
-    every rank gets the same number of batches and the tail of an epoch is dropped."""
+    """Infinite training batches over a ``PackedSplit``.
+
+    Epoch ``e`` visits the blocks in the order ``permutation(seed, e)``. The processes consume
+    that order together, ``world_size * batch_size`` positions per step: rank ``r`` takes
+    positions ``consumed + r + world_size * i`` for ``i < batch_size``. An epoch ends when fewer
+    than one step's positions are left (the tail is dropped), so every rank gets the same
+    number of batches. The state is the epoch and the positions consumed, which do not depend on
+    how many processes consumed them: a run resumed on another number of processes continues
+    with the next unconsumed block.
+    """
 
     def __init__(self, split: PackedSplit, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         _check_rank(batch_size, rank, world_size)
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.batches_per_epoch = len(split) // world_size // batch_size
+        self.step_positions = world_size * batch_size
+        self.batches_per_epoch = len(split) // self.step_positions
         if self.batches_per_epoch == 0:
             raise DataError(f"the training split packs into {len(split)} blocks, fewer than "
                             f"batch_size * world_size = {batch_size * world_size}: add data or shrink the batch")
-        self.epoch, self.batch = 0, 0
+        self.epoch, self.consumed = 0, 0
         self._order_epoch, self._order = None, None
 
     def _epoch_order(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
             perm = np.random.default_rng([self.seed, 1, self.epoch]).permutation(len(self.split))
-            mine = perm[self.rank :: self.world_size][: self.batches_per_epoch * self.batch_size]
-            self._order_epoch, self._order = self.epoch, mine
+            self._order_epoch, self._order = self.epoch, perm
         return self._order
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, Any]:
-        if self.batch == self.batches_per_epoch:
-            self.epoch, self.batch = self.epoch + 1, 0
-        rows = self._epoch_order()[self.batch * self.batch_size : (self.batch + 1) * self.batch_size]
-        self.batch += 1
+        if self.consumed + self.step_positions > len(self.split):  # past batches_per_epoch steps
+            self.epoch, self.consumed = self.epoch + 1, 0
+        start = self.consumed + self.rank
+        rows = self._epoch_order()[start : start + self.step_positions : self.world_size]
+        self.consumed += self.step_positions
         return _rows(self.split, rows)
 
     def state_dict(self) -> dict[str, int]:
         """The data position after the batches returned so far, and what it depends on."""
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "batch_size": self.batch_size,
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "batch_size": self.batch_size,
                 "world_size": self.world_size, "n_blocks": len(self.split)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        _check_same(state, self.state_dict(), ("seed", "batch_size", "world_size", "n_blocks"))
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        _check_same(state, self.state_dict(), ("seed", "batch_size", "n_blocks"))
+        consumed = state.get("consumed")
+        if consumed is None:  # a state saved before positions were recorded: batches per rank
+            consumed = int(state["batch"]) * self.batch_size * int(state.get("world_size", self.world_size))
+        self.epoch, self.consumed = int(state["epoch"]), int(consumed)
 
 
 def _check_same(saved, current, keys):

@@ -27,7 +27,11 @@ A layer here is flashlm's ``Block``, which owns its two residual halves::
     out = block.mlp_residual(h)                     # h + mlp(mlp_norm(h))
 
 These functions compose those two halves (the MLP half chunk by chunk where asked); the tests
-hold them to the same outputs and gradients as the plain Block.
+hold them to the same outputs and gradients as the plain Block. ``Block.forward`` calls them,
+so they always run inside the layer's ``__call__``: under FSDP2 the layer's parameters are
+gathered when they run, and the recomputation in ``_CheckpointedBlock.backward`` reads the
+block's parameters again after FSDP2's pre-backward hook has gathered them anew; the
+gradients it returns go to the gathered parameters, which FSDP2 reduce-scatters.
 
 Numerics: with ``save_dtype=None`` the recomputation is exact and the gradients equal the
 plain path's bit for bit (without MLP chunking). A bf16 saved input changes only the
@@ -200,14 +204,17 @@ def _grads(outputs, inputs, grad_outputs):
 def _mlp_residual_no_grad(block, h, chunk_size):
     """``block.mlp_residual(h)``, ``chunk_size`` tokens at a time, without a graph."""
     flat = h.reshape(-1, h.shape[-1])
-    out = None
+    out = flat_out = None
     for start in range(0, flat.shape[0], chunk_size):
         piece = flat[start:start + chunk_size]
         y = block.mlp_residual(piece)
         if out is None:
-            out = torch.empty(flat.shape, dtype=y.dtype, device=y.device)
-        out[start:start + chunk_size] = y
-    return out.view(*h.shape[:-1], out.shape[-1])
+            # Not a view of a flat buffer: a layer that returns a view would lose FSDP2's
+            # pre-backward hook to any in-place op on its output.
+            out = torch.empty(*h.shape[:-1], y.shape[-1], dtype=y.dtype, device=y.device)
+            flat_out = out.view(-1, y.shape[-1])
+        flat_out[start:start + chunk_size] = y
+    return out
 
 
 def _mlp_backward(block, h, grad_out, chunk_size, params):

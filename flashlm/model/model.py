@@ -355,12 +355,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """A pre-norm decoder layer: ``mlp_residual(attention_residual(x))``.
 
-    The two halves are the one place the residual formula is written; activation
-    checkpointing and MLP chunking (``flashlm.model.checkpointing``) compose them.
+    The two halves are the one place the residual formula is written. ``forward`` composes them
+    with one of ``flashlm.model.checkpointing``'s layer paths (whole, MLP chunked, checkpointed
+    with its levers), so that every path runs inside ``Block.__call__``: hooks on the layer, such
+    as FSDP2's unshard before its forward and reshard after, wrap whichever path runs.
     """
 
     def __init__(self, config):
         super().__init__()
+        self.config = config
         self.attn_norm = RMSNorm(config, feeds_matmul=True)
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config, feeds_matmul=True)
@@ -382,8 +385,20 @@ class Block(nn.Module):
         yield from self.mlp_norm.parameters()
         yield from self.mlp.parameters()
 
-    def forward(self, x, cos, sin, backend, mask=None):
-        return self.mlp_residual(self.attention_residual(x, cos, sin, backend, mask))
+    def forward(self, x, cos, sin, backend, mask=None, checkpoint=None):
+        """The layer on x: (batch, seqlen, hidden_size) -> the same shape and dtype.
+
+        Args:
+            cos, sin, backend, mask: what ``attention_residual`` takes after x.
+            checkpoint: ``CheckpointOptions`` of this forward pass to keep only x for the backward
+                pass and recompute the layer there (``checkpoint_block``); None runs the layer with
+                its graph, the MLP ``config.mlp_chunk_size`` tokens at a time (``block_forward``;
+                0: whole). The config is read at each call.
+        """
+        attn_args = (cos, sin, backend, mask)
+        if checkpoint is not None:
+            return checkpoint_block(self, x, attn_args, checkpoint)
+        return block_forward(self, x, attn_args, self.config.mlp_chunk_size)
 
 
 @dataclass
@@ -471,18 +486,12 @@ class GPT(nn.Module):
         mask = build_attention_mask(backend, batch, seqlen, device, self.config.sliding_window, cu_seqlens, max_seqlen)
         x = self.embed(input_ids)
         c = self.config
-        attn_args = (cos, sin, backend, mask)
         checkpointing = c.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        options = self._checkpoint_options(device) if checkpointing else None
+        checkpoint = self._checkpoint_options(device) if checkpointing else None
         for layer in self.layers:
-            if checkpointing:
-                x = checkpoint_block(layer, x, attn_args, options)
-            elif c.mlp_chunk_size:
-                x = block_forward(layer, x, attn_args, c.mlp_chunk_size)
-            else:
-                x = layer(x, *attn_args)
-        if options is not None and options.offload is not None:
-            options.offload.prefetch(c.num_hidden_layers - 1)  # the backward pass starts there
+            x = layer(x, cos, sin, backend, mask, checkpoint=checkpoint)
+        if checkpoint is not None and checkpoint.offload is not None:
+            checkpoint.offload.prefetch(c.num_hidden_layers - 1)  # the backward pass starts there
         x = self.norm(x)
         if labels is None:
             return GPTOutput(logits=self.lm_head(x))

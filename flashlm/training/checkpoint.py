@@ -35,6 +35,7 @@ import yaml
 
 from flashlm.hf.convert import load_pretrained
 from flashlm.model import GPT, GPTConfig
+from flashlm.training.sharded_checkpoint import is_sharded_checkpoint, load_model_weights
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +264,8 @@ def _load_checkpoint_weights(ckpt: Path, overrides: dict[str, Any]):
 
     config = GPTConfig.from_dict(read_json(ckpt / MODEL_CONFIG) | overrides)
     model = GPT(config)
+    if is_sharded_checkpoint(ckpt):  # written by an FSDP2 run: read whole, in this one process
+        return load_model_weights(ckpt, model)
     # DDP-wrapped models save their parameters under "module."
     state = {k.removeprefix("module."): v for k, v in load_file(ckpt / "model.safetensors").items()}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -40,6 +40,8 @@ from flashlm import data as flashlm_data
 from flashlm.data.packing import model_inputs
 from flashlm.hf.convert import save_pretrained
 from flashlm.model import GPT, GPTConfig
+from flashlm.parallel.fsdp import (all_finite, apply_fsdp, data_parallel_mesh, fsdp2_enabled, is_sharded,
+                                   mixed_precision_policy, prepare_sharded, unsharded_copy)
 from flashlm.recipe import Recipe, RecipeError, load_recipe, trajectory_diff, valid_keys
 from flashlm.training.checkpoint import (
     RUN_TOKENIZER,
@@ -55,6 +57,7 @@ from flashlm.training.checkpoint import (
 )
 from flashlm.training.evaluate import evaluate
 from flashlm.training.optim import build_optimizer, lr_at
+from flashlm.training.sharded_checkpoint import is_sharded_checkpoint, load_sharded, save_sharded
 from flashlm.training.rundir import RunLock, RunLockedError, check_output_dir, is_run_dir, lock_holder
 
 
@@ -182,8 +185,14 @@ def setup(cfg: Recipe) -> Run:
     except (ValueError, OSError) as e:
         raise StartError(str(e)) from e
     model.to(accelerator.device)  # before the optimizer, so fused AdamW sees device parameters
+    sharded = fsdp2_enabled(accelerator)
+    if sharded:  # the optimizer is built on the sharded parameters
+        apply_fsdp(model, data_parallel_mesh(accelerator), mixed_precision_policy(accelerator.mixed_precision))
     optimizer = build_optimizer(model, cfg, fused=accelerator.device.type == "cuda")
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:
+        model, optimizer = prepare_sharded(accelerator, model, optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     return Run(cfg, accelerator, model, optimizer, tokenizer, data, train_loader, checkpoints, resume_from, unigram)
 
 
@@ -216,8 +225,14 @@ def main(cfg: Recipe) -> dict[str, Any]:
     t, out = cfg.training, Path(cfg.output_dir)
     step, tokens_seen = 0, 0
     if run.resume_from is not None:
+        if is_sharded(model) and not is_sharded_checkpoint(run.resume_from):
+            raise StartError(f"cannot resume from {run.resume_from}: it was written without FSDP2; resume it "
+                             "with the launch config that wrote it, or start a new run from it with init_from")
         try:
-            accelerator.load_state(str(run.resume_from))
+            if is_sharded_checkpoint(run.resume_from):  # resharded to this model, sharded or not
+                load_sharded(run.resume_from, model, optimizer)
+            else:
+                accelerator.load_state(str(run.resume_from))
         except Exception as e:  # a checkpoint written before checksums, truncated or altered
             raise StartError(f"cannot resume from {run.resume_from}: {type(e).__name__}: {e}") from e
         state = read_json(run.resume_from / TRAINER_STATE)
@@ -271,9 +286,12 @@ def main(cfg: Recipe) -> dict[str, Any]:
         if accelerator.is_main_process:
             run.checkpoints.clear_staging(step)
         accelerator.wait_for_everyone()
-        # Tied embeddings are stored once by design; accelerate warns about it on every save.
-        with _log_level("accelerate.utils.other", logging.ERROR):
-            accelerator.save_state(str(staging))
+        if is_sharded(model):
+            save_sharded(staging, model, optimizer)  # every rank writes its own shards
+        else:
+            # Tied embeddings are stored once by design; accelerate warns about it on every save.
+            with _log_level("accelerate.utils.other", logging.ERROR):
+                accelerator.save_state(str(staging))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             run.checkpoints.commit(step, trainer_state, cfg.to_dict(), unwrapped.config.to_dict())
@@ -340,9 +358,10 @@ def main(cfg: Recipe) -> dict[str, Any]:
     if cfg.export.enabled and step == t.steps:
         export_dir = cfg.export_dir
         _check_finite(step, model, None, run.checkpoints)
+        exported = unsharded_copy(model) if is_sharded(model) else unwrapped  # a collective when sharded
         if accelerator.is_main_process:
             # The run's own export is replaced when a resumed run finishes again.
-            save_pretrained(unwrapped, export_dir, tokenizer=run.tokenizer, overwrite=True)
+            save_pretrained(exported, export_dir, tokenizer=run.tokenizer, overwrite=True)
             accelerator.print(f"exported a Hugging Face model to {export_dir}")
         accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -449,7 +468,7 @@ def _check_finite(step: int, model, optimizer, checkpoints: CheckpointManager) -
     if optimizer is not None:
         tensors += [v for state in optimizer.state.values() for v in state.values()
                     if isinstance(v, torch.Tensor) and v.is_floating_point()]
-    if bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
+    if all_finite(tensors):  # shard by shard when sharded: a collective, as every caller is
         return
     good = checkpoints.good()
     where = f"the last good checkpoint is {good[-1][1]}" if good else "no checkpoint was written before it"
