@@ -108,6 +108,13 @@ def test_cli_end_to_end(make_recipe):
         assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["peak_mem_gb"] > 0
         assert r["tokens_seen"] == r["step"] * 4 * 2 * 64
     assert evals[4]["eval_loss"] < evals[0]["eval_loss"]
+    # The memory this process holds, logged once: fp32 weights and gradients, AdamW's two moments.
+    memory = next(r for r in records if "mem_weights_gb" in r)
+    n_params = load_model(out).num_params()
+    assert memory["step"] == 1 and memory["mem_weights_gb"] * 2**30 == 4 * n_params
+    assert memory["mem_gradients_gb"] == memory["mem_weights_gb"]
+    assert memory["mem_optimizer_gb"] * 2**30 == pytest.approx(8 * n_params, abs=1024)  # + the step counters
+    assert "memory per process after step 1: weights" in proc.stdout
     assert "final eval loss" in proc.stdout and "unigram entropy" in proc.stdout
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["training"]["steps"] == 4 and saved["model"]["hidden_size"] == 64

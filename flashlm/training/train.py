@@ -41,7 +41,7 @@ from flashlm.data.packing import model_inputs
 from flashlm.hf.convert import save_pretrained
 from flashlm.model import GPT, GPTConfig
 from flashlm.parallel.fsdp import (all_finite, apply_fsdp, data_parallel_mesh, fsdp2_enabled, is_sharded,
-                                   mixed_precision_policy, prepare_sharded, unsharded_copy)
+                                   memory_report, mixed_precision_policy, prepare_sharded, unsharded_copy)
 from flashlm.recipe import Recipe, RecipeError, load_recipe, trajectory_diff, valid_keys
 from flashlm.training.checkpoint import (
     RUN_TOKENIZER,
@@ -297,6 +297,16 @@ def main(cfg: Recipe) -> dict[str, Any]:
             run.checkpoints.commit(step, trainer_state, cfg.to_dict(), unwrapped.config.to_dict())
         accelerator.wait_for_everyone()
 
+    def log_memory(at_step: int) -> None:
+        held = memory_report(model, optimizer)
+        # The rest of the peak is what the step's forward and backward passes kept or made.
+        peak = peak_memory_gb(accelerator.device) * 2**30 if accelerator.device.type == "cuda" else None
+        held.activations = None if peak is None else max(int(peak) - held.weights - held.gradients - held.optimizer, 0)
+        accelerator.print(f"memory per process after step {at_step}: {held.summary()}"
+                          + ("" if peak is None else " (activations: the peak above the rest)"))
+        log({"step": at_step, **{f"mem_{k}_gb": None if v is None else v / 2**30 for k, v in vars(held).items()}})
+
+    start_step = step
     progress = _progress_bar(cfg, accelerator, initial=step, total=last_step)
     train_loss, skipped = None, 0
     eval_loss = run_eval() if step == 0 else None  # the untrained model's loss: ln(vocab) or so
@@ -326,6 +336,8 @@ def main(cfg: Recipe) -> dict[str, Any]:
                               f"({skipped} of at most {t.max_skipped_steps} skipped)")
         else:
             optimizer.step()
+        if step == start_step:  # what this process holds, once: the per-GPU memory of the run
+            log_memory(step + 1)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += tokens_per_step
