@@ -1,0 +1,16 @@
+"""flashlm's parallelism: context parallelism here, FSDP2 sharding in `flashlm.parallel.fsdp`.
+
+Context parallelism splits one long sequence over the ranks of a process group.
+
+`shard_sequence` / `unshard_sequence` move between a full sequence and a rank's zigzag shard;
+`context_parallel_attention` runs attention on the shards with flashlm's kernel ("ring",
+"allgather" or "ulysses"); `simulate_context_parallel` runs each rank's share one after another
+on a single device to measure the work split. docs/context_parallel.md describes the design.
+"""
+
+from flashlm.parallel.context_parallel import context_parallel_attention
+from flashlm.parallel.simulate import simulate_context_parallel
+from flashlm.parallel.zigzag import shard_sequence, unshard_sequence
+
+__all__ = ["context_parallel_attention", "shard_sequence", "simulate_context_parallel",
+           "unshard_sequence"]

@@ -1,0 +1,156 @@
+"""Context-parallel attention: one sequence split over the ranks of a process group, each rank
+running flashlm's kernel on its share (docs/context_parallel.md).
+
+Three methods, one module each: ``ring`` (K/V shards travel around the group, partial results
+merge through their log-sum-exp), ``allgather`` (Llama 3 style: K/V all-gathered, dK/dV
+reduce-scattered) and ``ulysses`` (all-to-all from sequence shards to head shards and back).
+All use the zigzag layout of `zigzag`, the mask planning of `schedule`, and overlap their
+communication with the kernel through ``async_op`` handles. This module checks the arguments,
+plans, and dispatches.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from flashlm.parallel import schedule as sch
+from flashlm.parallel.allgather import AllGatherAttention
+from flashlm.parallel.block_attention import check_arguments
+from flashlm.parallel.ring import RingAttention
+from flashlm.parallel.ulysses import UlyssesAttention
+from flashlm.parallel.zigzag import check_sequence_length
+
+IMPLS = ("ring", "allgather", "ulysses")
+
+
+def _check_cu_seqlens(fn, cu_seqlens, batch, seqlen):
+    if batch != 1:
+        raise ValueError(f"{fn}: cu_seqlens describes one packed sequence, so batch must be 1, "
+                         f"got batch={batch}")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 \
+            or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{fn}: cu_seqlens must be a 1-D int32 tensor of document offsets")
+    docs = tuple(int(c) for c in cu_seqlens.tolist())
+    if len(docs) < 2 or docs[0] != 0 or docs[-1] != seqlen or any(
+            b < a for a, b in zip(docs, docs[1:])):
+        raise ValueError(f"{fn}: cu_seqlens must start at 0, never decrease and end at the full "
+                         f"sequence length {seqlen} (local length x world size), got "
+                         f"{list(docs[:8])}{' ...' if len(docs) > 8 else ''}")
+    return docs
+
+
+def _head_chunks(fn, impl, head_chunks, nheads, nheads_k, world):
+    """The number of head groups the collectives are pipelined over: ``head_chunks``, or the
+    largest of 2 and 1 that divides the heads each stage needs."""
+    if impl == "ring":
+        if head_chunks not in (None, 1):
+            raise ValueError(f"{fn}: head_chunks={head_chunks} applies to impl='allgather' and "
+                             "'ulysses' only (the ring overlaps by steps)")
+        return 1
+    if impl == "allgather":
+        need = [("heads_k", nheads_k)]
+    else:
+        need = [("heads / world_size", nheads // world)]
+        if nheads_k >= world:
+            need.append(("heads_k / world_size", nheads_k // world))
+    if head_chunks is None:
+        return 2 if all(n % 2 == 0 for _, n in need) else 1
+    if head_chunks < 1 or any(n % head_chunks for _, n in need):
+        raise ValueError(f"{fn}: head_chunks={head_chunks} must be >= 1 and divide "
+                         + ", ".join(f"{name}={n}" for name, n in need))
+    return head_chunks
+
+
+@dataclass(frozen=True)
+class Options:
+    """Checked and normalized options: the kernel's ``window`` and ``scale``, the full
+    ``seqlen``, document offsets ``docs``, the mask band ``(lo, hi)`` (`schedule.band`) and the
+    pipeline depth ``chunks``."""
+
+    seqlen: int
+    window: tuple[int, int]
+    scale: float
+    docs: tuple[int, ...]
+    lo: int | None
+    hi: int | None
+    chunks: int
+
+
+def resolve_options(fn, impl, q, k, v, world, seqlen, causal, window_size, softmax_scale,
+                    cu_seqlens, head_chunks):
+    """Check the arguments of `context_parallel_attention` (``q``, ``k``, ``v`` are this rank's
+    shards or, for a simulation, the full tensors; ``seqlen`` is the full length) and return
+    them as `Options`; errors name the bad argument."""
+    if impl not in IMPLS:
+        raise ValueError(f"{fn}: impl={impl!r} is not one of {IMPLS}")
+    window, scale = check_arguments(fn, q, k, v, window_size, softmax_scale)
+    if k.shape[:2] != q.shape[:2]:
+        raise ValueError(f"{fn}: q and k/v must hold the same batch and tokens, got q "
+                         f"{tuple(q.shape)} and k {tuple(k.shape)}")
+    check_sequence_length(fn, seqlen, world)
+    nheads, nheads_k = q.shape[2], k.shape[2]
+    if impl == "ulysses":
+        if nheads % world:
+            raise ValueError(f"{fn}: impl='ulysses' splits the heads over the group: heads="
+                             f"{nheads} must be divisible by world_size={world}")
+        if nheads_k % world and world % nheads_k:
+            raise ValueError(f"{fn}: impl='ulysses' needs heads_k={nheads_k} to divide or be "
+                             f"divisible by world_size={world}")
+    chunks = _head_chunks(fn, impl, head_chunks, nheads, nheads_k, world)
+    docs = sch.documents(None if cu_seqlens is None else
+                         _check_cu_seqlens(fn, cu_seqlens, q.shape[0], seqlen), seqlen)
+    lo, hi = sch.band(causal, window)
+    return Options(seqlen=seqlen, window=window, scale=scale, docs=docs, lo=lo, hi=hi,
+                   chunks=chunks)
+
+
+def context_parallel_attention(q, k, v, group, impl="ring", causal=True, window_size=(-1, -1),
+                               softmax_scale=None, cu_seqlens=None, return_lse=False,
+                               deterministic=True, head_chunks=None):
+    """Attention over a sequence split across the ranks of ``group`` (context parallelism).
+
+    Every rank of ``group`` calls this with its zigzag shards (`shard_sequence`) and the same
+    options; the result equals `flash_attn_func` (or `flash_attn_varlen_func`) on the full
+    sequence, restricted to this rank's shard.
+
+    Args:
+        q: (batch, S / N, heads, head_dim) this rank's queries, in `flash_attn_func`'s layout.
+        k, v: (batch, S / N, heads_k, head_dim); ``heads`` a multiple of ``heads_k`` (GQA).
+        group: the context-parallel process group (``N`` ranks).
+        impl: "ring", "allgather" or "ulysses" (docs/context_parallel.md says which to pick).
+        causal, window_size, softmax_scale: as in `flash_attn_func`, on full-sequence positions.
+        cu_seqlens: (num_docs + 1,) int offsets of packed documents over the *full* sequence
+            (batch must be 1); documents may cross chunk and rank boundaries. The offsets are
+            read on the host to plan the kernel calls: a CPU tensor avoids a device sync.
+        return_lse: also return the log-sum-exp (batch, heads, S / N), fp32.
+        deterministic: as in `flash_attn_func`; the methods' own reductions always run in a
+            fixed order.
+        head_chunks: allgather and ulysses only: how many head groups the collectives are
+            pipelined over (the next group's communication runs during this group's kernel);
+            defaults to 2 where the heads divide, else 1.
+
+    Returns:
+        out (batch, S / N, heads, head_dim), or ``(out, lse)``; differentiable in q, k, v.
+
+    Raises ValueError for ``S`` not divisible by ``2N`` (local length odd), for Ulysses when
+    ``heads`` is not divisible by ``N`` or ``heads_k`` neither divides nor is divided by ``N``.
+    """
+    fn = "context_parallel_attention"
+    world = dist.get_world_size(group)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # kernel layout
+    opts = resolve_options(fn, impl, q, k, v, world, q.shape[1] * world, causal, window_size,
+                           softmax_scale, cu_seqlens, head_chunks)
+    rank, deterministic = dist.get_rank(group), bool(deterministic)
+    if impl == "ring":
+        steps = sch.ring_schedule(world, opts.seqlen, opts.docs, opts.lo, opts.hi)[rank]
+        out, lse = RingAttention.apply(q, k, v, group, steps, opts.scale, deterministic)
+    elif impl == "allgather":
+        blocks = sch.allgather_schedule(world, opts.seqlen, opts.docs, opts.lo, opts.hi)[rank]
+        out, lse = AllGatherAttention.apply(q, k, v, group, blocks, opts.scale, deterministic,
+                                            opts.chunks)
+    else:
+        block = sch.whole_sequence_block(opts.seqlen, opts.docs, causal, opts.window)
+        out, lse = UlyssesAttention.apply(q, k, v, group, block, opts.scale, deterministic,
+                                          opts.chunks)
+    return (out, lse) if return_lse else out
