@@ -77,6 +77,9 @@ class DataConfig:
     kind: Literal["text", "sft"] = "text"  # sft: instruction examples, see flashlm.data.chat
     truncation: bool = False  # sft: cut an example longer than seq_len (and count it) instead of failing
     chat_template: str | None = None  # sft: a Jinja chat template replacing the tokenizer's own
+    # Training documents shorter than this many tokens (EOS included) are left out; the held-out
+    # split keeps them. A long-context stage sets its seq_len, so a block is mostly one document.
+    min_doc_tokens: int = 0
 
     def __post_init__(self):
         _check(bool(self.path), "data.path", self.path, "must name a file, folder, glob or hub dataset")
@@ -93,6 +96,9 @@ class DataConfig:
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 1")
         _check(self.num_proc >= 1, "data.num_proc", self.num_proc, "must be >= 1")
         _check(self.kind in ("text", "sft"), "data.kind", self.kind, "must be 'text' or 'sft'")
+        _check(self.min_doc_tokens >= 0, "data.min_doc_tokens", self.min_doc_tokens, "must be >= 0")
+        _check(self.min_doc_tokens == 0 or (self.kind == "text" and not self.streaming), "data.min_doc_tokens",
+               self.min_doc_tokens, "applies to kind: text without streaming only")
         if self.kind == "text":
             _check(not self.truncation, "data.truncation", self.truncation, "applies to kind: sft only")
             _check(self.chat_template is None, "data.chat_template", self.chat_template, "applies to kind: sft only")
@@ -185,6 +191,24 @@ class TrainingConfig:
             )
 
 
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How the processes of a launch split the work beyond data parallelism.
+
+    ``context_parallel_size`` processes share each sequence (context parallelism,
+    ``flashlm.parallel``): each holds ``seq_len / context_parallel_size`` of its tokens, and
+    attention runs over the whole sequence with ``context_parallel_impl`` ("ring", "allgather"
+    or "ulysses"). The data-parallel size is the number of processes divided by it.
+    """
+
+    context_parallel_size: int = 1
+    context_parallel_impl: Literal["ring", "allgather", "ulysses"] = "ring"
+
+    def __post_init__(self):
+        _check(self.context_parallel_size >= 1, "parallel.context_parallel_size", self.context_parallel_size,
+               "must be >= 1")
+
+
 TRACKERS = ("wandb", "tensorboard")
 
 
@@ -229,6 +253,7 @@ class Recipe:
     optim: OptimConfig
     schedule: ScheduleConfig
     training: TrainingConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     init_from: str | None = None
@@ -245,6 +270,16 @@ class Recipe:
         _check(
             self.data.kind != "sft" or self.training.document_mask, "training.document_mask",
             self.training.document_mask, "must be true for data.kind: sft (packed examples must not see each other)",
+        )
+        cp = self.parallel.context_parallel_size
+        _check(
+            cp == 1 or self.training.seq_len % (2 * cp) == 0, "training.seq_len", self.training.seq_len,
+            f"must be a multiple of 2 * parallel.context_parallel_size = {2 * cp} (each rank holds two chunks)",
+        )
+        _check(
+            cp == 1 or not self.training.document_mask or self.training.micro_batch_size == 1,
+            "training.micro_batch_size", self.training.micro_batch_size,
+            "must be 1 with document_mask under context parallelism (one packed sequence per step)",
         )
         _check(
             self.schedule.warmup_steps <= self.training.steps, "schedule.warmup_steps",

@@ -171,31 +171,36 @@ def liger_linear_cross_entropy(hidden, weight, targets, ignore_index):
     return loss.float()
 
 
-def next_token_loss(hidden, weight, labels, chunk_size=0, impl="chunked"):
+def next_token_loss(hidden, weight, labels, chunk_size=0, impl="chunked", aligned=False):
     """Mean next-token cross-entropy of the logits ``hidden @ weight.T``.
 
     Args:
         hidden: (batch, seqlen, hidden_size) final hidden states.
         weight: (vocab, hidden_size), the LM head.
         labels: (batch, seqlen) int64 aligned with the inputs as in transformers: position t
-            predicts labels[t + 1]; ``IGNORE_INDEX`` is ignored.
+            predicts labels[t + 1]; ``IGNORE_INDEX`` is ignored. With ``aligned``, already
+            shifted: position t predicts labels[t] (a sequence split over ranks is shifted
+            before it is split).
         chunk_size: 0 materializes the logits; otherwise tokens per chunk of ``impl``.
         impl: "chunked" (``chunked_linear_cross_entropy``) or "liger".
 
     Returns:
-        (loss, logits): a scalar fp32 loss, and the (batch, seqlen, vocab) logits in the
-        activation dtype, or None when a chunked path never formed them.
+        (loss, logits): a scalar fp32 loss (0 when no position has a target), and the
+        (batch, seqlen, vocab) logits in the activation dtype, or None when a chunked path never
+        formed them.
     """
-    if chunk_size > 0:
+    if aligned:
+        targets = labels.reshape(-1)
+    else:
         # A target for every position, IGNORE_INDEX for the last of each row, keeps the flat
         # hidden states a view: no copy, and no zero-filled gradient in the backward pass.
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    if chunk_size > 0:
         flat = hidden.reshape(-1, hidden.shape[-1])
         if impl == "liger":
             return liger_linear_cross_entropy(flat, weight, targets, IGNORE_INDEX), None
         return chunked_linear_cross_entropy(flat, weight, targets, chunk_size), None
-    targets = labels[:, 1:].reshape(-1)
     logits = F.linear(hidden, weight)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets,
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX,
+                           reduction="sum")
     return loss / (targets != IGNORE_INDEX).sum().clamp(min=1), logits

@@ -10,15 +10,29 @@ from flashlm.data.chat import prompt_ids, reference_answer
 from flashlm.data.packing import model_inputs
 
 
+def batch_loss(model, batch: dict[str, Any], document_mask: bool, device, cp=None) -> torch.Tensor:
+    """The loss of one data batch. With ``cp`` (a ``flashlm.parallel.ContextParallel``) the
+    model sees this rank's shard of each sequence and the loss is rescaled so that its mean over
+    all ranks is the token-weighted mean (``flashlm.parallel.group_loss``)."""
+    inputs = model_inputs(batch, document_mask, device)
+    if cp is None:
+        return model(**inputs).loss
+    from flashlm.parallel import group_loss, shard_batch
+
+    inputs = shard_batch(inputs, cp)
+    return group_loss(model(**inputs).loss, inputs["targets"], cp)
+
+
 @torch.no_grad()
-def evaluate(model, batches, accelerator, max_batches: int | None, document_mask: bool = False) -> float:
-    """Mean next-token loss over the held-out batches, averaged over all processes."""
+def evaluate(model, batches, accelerator, max_batches: int | None, document_mask: bool = False, cp=None) -> float:
+    """Mean next-token loss over the held-out batches, averaged over all processes (``cp``: as
+    in ``batch_loss``)."""
     model.eval()
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        loss = model(**model_inputs(batch, document_mask, accelerator.device)).loss
+        loss = batch_loss(model, batch, document_mask, accelerator.device, cp)
         total += torch.stack([loss.double(), torch.ones((), device=total.device, dtype=torch.float64)])
     model.train()
     total = accelerator.reduce(total, reduction="sum")

@@ -37,9 +37,9 @@ import torch
 import yaml
 
 from flashlm import data as flashlm_data
-from flashlm.data.packing import model_inputs
 from flashlm.hf.convert import save_pretrained
 from flashlm.model import GPT, GPTConfig
+from flashlm.parallel import ContextParallel, apply_context_parallel
 from flashlm.parallel.fsdp import (all_finite, apply_fsdp, data_parallel_mesh, fsdp2_enabled, is_sharded,
                                    memory_report, mixed_precision_policy, prepare_sharded, unsharded_copy)
 from flashlm.recipe import Recipe, RecipeError, load_recipe, trajectory_diff, valid_keys
@@ -55,7 +55,7 @@ from flashlm.training.checkpoint import (
     resolve_checkpoint,
     verify,
 )
-from flashlm.training.evaluate import evaluate
+from flashlm.training.evaluate import batch_loss, evaluate
 from flashlm.training.optim import build_optimizer, lr_at
 from flashlm.training.sharded_checkpoint import is_sharded_checkpoint, load_sharded, save_sharded
 from flashlm.training.rundir import RunLock, RunLockedError, check_output_dir, is_run_dir, lock_holder
@@ -132,6 +132,7 @@ class Run:
     checkpoints: CheckpointManager
     resume_from: Path | None
     unigram_entropy: float
+    layout: "ParallelLayout"
 
 
 def setup(cfg: Recipe) -> Run:
@@ -173,17 +174,20 @@ def setup(cfg: Recipe) -> Run:
                 "context its RoPE is configured for; lower training.seq_len or raise model.max_position_embeddings "
                 "(with rope_scaling if the model was trained shorter)"
             )
+        layout = parallel_layout(cfg, accelerator, model.config)
         checkpoints = CheckpointManager(out / "checkpoints", t.keep_last)
         resume_from = _find_resume(cfg, checkpoints)
         with accelerator.main_process_first():
             data = flashlm_data.prepare_data(cfg.data, tokenizer, seq_len=t.seq_len)
         accelerator.print(data.summary())
         train_loader = flashlm_data.build_train_loader(
-            data, batch_size=t.micro_batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes
+            data, batch_size=t.micro_batch_size, rank=layout.dp_rank, world_size=layout.dp_size
         )
         unigram = flashlm_data.unigram_entropy(data)
     except (ValueError, OSError) as e:
         raise StartError(str(e)) from e
+    if layout.cp is not None:
+        apply_context_parallel(model, layout.cp.group, layout.cp.impl)
     model.to(accelerator.device)  # before the optimizer, so fused AdamW sees device parameters
     sharded = fsdp2_enabled(accelerator)
     if sharded:  # the optimizer is built on the sharded parameters
@@ -193,7 +197,46 @@ def setup(cfg: Recipe) -> Run:
         model, optimizer = prepare_sharded(accelerator, model, optimizer)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
-    return Run(cfg, accelerator, model, optimizer, tokenizer, data, train_loader, checkpoints, resume_from, unigram)
+    return Run(cfg, accelerator, model, optimizer, tokenizer, data, train_loader, checkpoints, resume_from, unigram,
+               layout)
+
+
+@dataclass
+class ParallelLayout:
+    """This process's place: its data-parallel rank among ``dp_size`` (which batches it reads),
+    and the context-parallel group it shares each sequence with (None without one)."""
+
+    dp_rank: int
+    dp_size: int
+    cp: Any = None
+
+    def __str__(self) -> str:
+        return "" if self.cp is None else (f" ({self.dp_size} data-parallel x {self.cp.size} context-parallel, "
+                                           f"{self.cp.impl})")
+
+
+def parallel_layout(cfg: Recipe, accelerator, config) -> ParallelLayout:
+    """The data-parallel x context-parallel layout of this launch, checked: the context-parallel
+    size must divide the processes, attention must be flashlm's kernel, and ulysses needs heads
+    that divide over the group. Raises ``StartError`` naming the problem."""
+    size, impl, world = cfg.parallel.context_parallel_size, cfg.parallel.context_parallel_impl, accelerator.num_processes
+    if size == 1:
+        return ParallelLayout(accelerator.process_index, world)
+    if world % size:
+        raise StartError(f"parallel.context_parallel_size={size} does not divide the {world} processes of this launch")
+    backend = config.attn_backend
+    if backend != "flash" and not (backend == "auto" and accelerator.device.type == "cuda"):
+        raise StartError(f"model.attn_backend={backend!r}: context parallelism runs flashlm's kernel; set "
+                         "model.attn_backend: flash")
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    if impl == "ulysses" and (heads % size or (kv_heads % size and size % kv_heads)):
+        raise StartError(f"parallel.context_parallel_impl='ulysses' splits heads over the {size} ranks: "
+                         f"num_attention_heads={heads} must be a multiple of {size}, and num_key_value_heads="
+                         f"{kv_heads} a multiple or a divisor of it; use ring or allgather")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(accelerator.device.type, (world // size, size), mesh_dim_names=("dp", "cp"))
+    return ParallelLayout(mesh.get_local_rank("dp"), world // size, ContextParallel(mesh.get_group("cp"), impl))
 
 
 def build_model(cfg: Recipe, tokenizer):
@@ -255,14 +298,14 @@ def main(cfg: Recipe) -> dict[str, Any]:
         metrics = MetricsLog(out / "metrics.jsonl", keep_through=step)
     _start_trackers(accelerator, cfg)
     unwrapped = accelerator.unwrap_model(model)
-    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * accelerator.num_processes
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * run.layout.dp_size
     flops_per_token = unwrapped.flops_per_token(t.seq_len)
     peak = peak_flops(accelerator.device, cfg)
     last_step = t.stop_at_step or t.steps
     accelerator.print(
         f"resolved recipe:\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}"
         f"model: {unwrapped.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
-        f"{tokens_per_step} tokens/step on {accelerator.num_processes} x {accelerator.device} "
+        f"{tokens_per_step} tokens/step on {accelerator.num_processes} x {accelerator.device}{run.layout} "
         f"({accelerator.mixed_precision} mixed precision)\n"
         f"unigram entropy of the training tokens: {run.unigram_entropy:.3f} nats/token\n"
         + (f"resuming from {run.resume_from} at step {step}" if run.resume_from else "starting at step 0")
@@ -274,7 +317,7 @@ def main(cfg: Recipe) -> dict[str, Any]:
         accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
     def run_eval() -> float:
-        loss = evaluate(model, _eval_batches(run), accelerator, t.eval_batches, t.document_mask)
+        loss = evaluate(model, _eval_batches(run), accelerator, t.eval_batches, t.document_mask, run.layout.cp)
         log({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
         accelerator.print(f"step {step}: eval loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f}")
         return loss
@@ -317,11 +360,10 @@ def main(cfg: Recipe) -> dict[str, Any]:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=accelerator.device)
         for micro in range(t.grad_accum_steps):
-            inputs = model_inputs(next(train_loader), t.document_mask, accelerator.device)
             # Gradients are all-reduced only on the last micro-step of the accumulation.
             sync = micro == t.grad_accum_steps - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss = model(**inputs).loss
+                loss = batch_loss(model, next(train_loader), t.document_mask, accelerator.device, run.layout.cp)
                 accelerator.backward(loss / t.grad_accum_steps)
             loss_sum += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
@@ -489,7 +531,8 @@ def _check_finite(step: int, model, optimizer, checkpoints: CheckpointManager) -
 
 def _eval_batches(run: Run):
     t, acc = run.cfg.training, run.accelerator
-    return flashlm_data.build_eval_loader(run.data, batch_size=t.micro_batch_size, rank=acc.process_index, world_size=acc.num_processes)
+    return flashlm_data.build_eval_loader(run.data, batch_size=t.micro_batch_size, rank=run.layout.dp_rank,
+                                          world_size=run.layout.dp_size)
 
 
 def _start_trackers(accelerator, cfg: Recipe) -> None:

@@ -1,0 +1,88 @@
+"""Context parallelism applied to a model and its batches: the wrapper the training loop uses.
+
+The model does not know how many ranks share a sequence. ``apply_context_parallel`` hands it a
+``ContextParallel`` (the group and the method), which its attention calls instead of the
+single-device kernel; everything else in the model is per token and runs on this rank's shard
+unchanged. ``shard_batch`` turns a data batch into this rank's model inputs:
+
+- the targets are shifted *before* the sequence is split (the target of a shard's last token is
+  the next shard's first), then split like the inputs;
+- RoPE positions are the global ones (a batch's per-document positions, or ``arange(S)``);
+- ``cu_seqlens`` keep describing the whole sequence, so documents follow the shards.
+
+The loss over the group is the token-weighted mean: each rank computes its mean over its own
+targets, and ``group_loss`` rescales it by ``N * (its targets) / (the group's targets)``. With
+gradients averaged over all data-parallel x context-parallel ranks (DDP or FSDP2 over the whole
+world), that gives exactly the gradient of each sequence's mean loss, averaged over the
+data-parallel groups; and the mean of the rescaled losses over all ranks is that loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from flashlm.model.loss import IGNORE_INDEX
+from flashlm.parallel.context_parallel import IMPLS, context_parallel_attention
+from flashlm.parallel.zigzag import shard_sequence
+
+
+@dataclass(frozen=True, eq=False)
+class ContextParallel:
+    """The ranks that share each sequence (``group``) and how attention is split (``impl``)."""
+
+    group: dist.ProcessGroup
+    impl: str
+
+    def __post_init__(self):
+        if self.impl not in IMPLS:
+            raise ValueError(f"context_parallel_impl={self.impl!r} is invalid: expected one of {IMPLS}")
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's zigzag shard of a whole-sequence tensor (sequence along ``dim``)."""
+        return shard_sequence(x, self.group, dim)
+
+    def attention(self, q, k, v, window_size, cu_seqlens, deterministic):
+        """Causal attention of this rank's shards over the whole sequence (the model's hook)."""
+        return context_parallel_attention(q, k, v, self.group, impl=self.impl, causal=True, window_size=window_size,
+                                          cu_seqlens=cu_seqlens, deterministic=deterministic)
+
+
+def apply_context_parallel(model, group, impl: str = "ring"):
+    """Make ``model`` (a ``flashlm.GPT``, sharded by FSDP2 or not) run on sequence shards over
+    ``group`` with attention method ``impl``. Returns the ``ContextParallel`` it now holds."""
+    cp = ContextParallel(group, impl)
+    model.context_parallel = cp
+    return cp
+
+
+def shard_batch(inputs: dict, cp: ContextParallel) -> dict:
+    """This rank's model inputs from ``flashlm.data.packing.model_inputs``' output (whole sequences
+    of (batch, S)): ``input_ids``, shifted-then-split ``targets``, split global ``position_ids``,
+    and the whole-sequence ``cu_seqlens`` / ``max_seqlen`` as they are."""
+    labels = inputs["labels"]
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    out = {"input_ids": cp.shard(inputs["input_ids"]), "targets": cp.shard(targets)}
+    if "position_ids" in inputs:
+        out["position_ids"] = cp.shard(inputs["position_ids"])
+    for key in ("cu_seqlens", "max_seqlen"):
+        if key in inputs:
+            out[key] = inputs[key]
+    return out
+
+
+def group_loss(loss: torch.Tensor, targets: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
+    """``loss`` (this rank's mean over its targets) rescaled so that the mean over the group's
+    ranks is the mean over all the group's targets (see the module docstring). One all-reduce of
+    a count, in fp32-exact int64."""
+    mine = (targets != IGNORE_INDEX).sum()
+    total = mine.clone()
+    dist.all_reduce(total, group=cp.group)
+    return loss * (mine * cp.size / total.clamp(min=1)).to(loss.dtype)

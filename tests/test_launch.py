@@ -1,0 +1,124 @@
+"""`accelerate launch` on two CPU processes (gloo): context parallelism and FSDP2 in the training
+loop, against one process on the same data.
+
+With the context-parallel size equal to the number of processes there is one data-parallel
+group, so both runs read the same batches: the losses must agree to fp32 rounding (the partial
+attention results and the group's loss are merged in another order). Each run is a tiny model
+on flashlm's kernel under the Triton interpreter, a few seconds.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_train import cache_dir, corpus, tiny_recipe  # noqa: F401 (fixtures)
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def run(recipe_path, *overrides, config=None, name):
+    """Train ``recipe_path`` (one process, or `accelerate launch --config_file config`);
+    returns {step: loss} and {step: eval loss} of its metrics."""
+    out = recipe_path.parent / name
+    prefix = LAUNCH + ["--config_file", str(REPO / "recipes" / "accelerate" / config)] if config else [sys.executable]
+    cmd = prefix + ["-m", "flashlm.training.train", str(recipe_path), f"--output_dir={out}", *overrides]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONSAFEPATH="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return ({r["step"]: r["loss"] for r in records if "loss" in r},
+            {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}, proc.stdout)
+
+
+@pytest.fixture
+def recipe(tmp_path, corpus, cache_dir):  # noqa: F811
+    # Documents of 20-60 words, so that packed rows of 64 tokens hold several and their
+    # boundaries fall inside shards and across the shard boundary.
+    words = " ".join(json.loads(line)["text"] for line in corpus.read_text().splitlines()).split()
+    docs, i, n = [], 0, 20
+    while i < len(words) and len(docs) < 400:
+        docs.append(" ".join(words[i:i + n]))
+        i, n = i + n, 20 + (7 * len(docs)) % 41
+    short = tmp_path / "short_docs.jsonl"
+    short.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    raw = tiny_recipe(tmp_path / "unused", short, cache_dir)
+    raw["model"]["attn_backend"] = "flash"
+    raw["training"].update(steps=4, micro_batch_size=1, grad_accum_steps=2, seq_len=64, eval_every=2)
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(raw))  # YAML is a superset of JSON
+    return path
+
+
+def assert_same_curve(a, b, rel=2e-6):
+    assert a.keys() == b.keys()
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=rel), (step, a[step], b[step])
+
+
+def test_context_parallel_ring_with_documents_tracks_one_process_and_resumes(recipe):
+    """Ring attention over 2 processes with packed documents crossing the shard boundary: the
+    same losses as one process; stopped at step 2 and resumed, the same again."""
+    one, one_eval, _ = run(recipe, "--document_mask=true", name="one")
+    boundaries = _inner_boundaries(recipe)
+    assert boundaries["inside"] > 10 and boundaries["crossing"] > 3, boundaries
+    cp, cp_eval, out = run(recipe, "--document_mask=true", "--parallel.context_parallel_size=2",
+                           config="cpu_2proc.yaml", name="cp")
+    assert "(1 data-parallel x 2 context-parallel, ring)" in out
+    assert_same_curve(one, cp)
+    assert_same_curve(one_eval, cp_eval)
+    run(recipe, "--document_mask=true", "--parallel.context_parallel_size=2", "--ckpt_every=2",
+        "--stop_at_step=2", config="cpu_2proc.yaml", name="cut")
+    resumed, _, _ = run(recipe, "--document_mask=true", "--parallel.context_parallel_size=2", "--ckpt_every=2",
+                        "--resume", config="cpu_2proc.yaml", name="cut")
+    assert_same_curve(one, resumed)
+
+
+def test_fsdp2_with_context_parallel_allgather_tracks_one_process(recipe):
+    """FSDP2 over the two processes that also share each sequence (allgather attention): the
+    context-parallel ranks shard the model between them, and the losses equal one process's."""
+    one, one_eval, _ = run(recipe, name="one")
+    both, both_eval, out = run(recipe, "--parallel.context_parallel_size=2", "--parallel.context_parallel_impl=allgather",
+                               config="cpu_2proc_fsdp2.yaml", name="both")
+    assert "memory per process after step 1" in out
+    assert_same_curve(one, both)
+    assert_same_curve(one_eval, both_eval)
+
+
+def test_bad_context_parallel_configurations_fail_at_start(recipe):
+    """Bad layouts are refused before training, with the key and the reason."""
+    cases = [
+        (["--parallel.context_parallel_size=3"], "cpu_2proc.yaml", "must be a multiple of 2 * parallel.context_parallel_size"),
+        (["--parallel.context_parallel_size=4", "--seq_len=64"], "cpu_2proc.yaml", "does not divide the 2 processes"),
+        (["--parallel.context_parallel_size=2", "--model.attn_backend=sdpa"], "cpu_2proc.yaml",
+         "context parallelism runs flashlm's kernel"),
+        (["--parallel.context_parallel_size=2", "--parallel.context_parallel_impl=ulysses",
+          "--model.num_key_value_heads=1", "--model.num_attention_heads=3", "--model.hidden_size=48"], "cpu_2proc.yaml",
+         "ulysses' splits heads"),
+    ]
+    for overrides, config, message in cases:
+        cmd = LAUNCH + ["--config_file", str(REPO / "recipes" / "accelerate" / config), "-m", "flashlm.training.train",
+                        str(recipe), f"--output_dir={recipe.parent / 'bad'}", *overrides]
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONSAFEPATH="1")
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and message in proc.stderr, (overrides, proc.stderr[-2000:])
+        assert not (recipe.parent / "bad").exists()
+
+
+def _inner_boundaries(recipe_path):
+    """How many documents of the training rows start inside a row, and how many span the middle
+    of their row (the boundary between the two zigzag shards of 2 ranks sits at S / 4 and 3S / 4
+    in position order, the chunk edges at multiples of S / 4)."""
+    from flashlm.data import load_tokenizer, prepare_data
+    from flashlm.recipe import load_recipe
+
+    cfg = load_recipe(recipe_path, ["--output_dir=/nonexistent"])
+    data = prepare_data(cfg.data, load_tokenizer(cfg.data.tokenizer), seq_len=cfg.training.seq_len)
+    starts = data.train.starts[:, 1:]
+    edges = [cfg.training.seq_len // 4 * k for k in (1, 2, 3)]
+    crossing = sum(1 for row in data.train.starts for e in edges if not row[e])
+    return {"inside": int(starts.sum()), "crossing": crossing}
