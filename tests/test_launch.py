@@ -89,6 +89,20 @@ def test_fsdp2_with_context_parallel_allgather_tracks_one_process(recipe):
     assert_same_curve(one_eval, both_eval)
 
 
+LEVERS = ("--model.gradient_checkpointing=true", "--model.checkpoint_keep_attention=true",
+          "--model.checkpoint_offload=true", "--model.loss_chunk_size=40", "--model.mlp_chunk_size=24")
+
+
+def test_memory_levers_compose_with_context_parallelism(recipe):
+    """Checkpointing with offloaded inputs, kept attention outputs (replayed by ring, run again
+    by ulysses), a chunked loss and MLP: the same losses as one process with the same levers."""
+    one, _, _ = run(recipe, *LEVERS, "--training.steps=2", "--eval_every=0", name="one")
+    for impl in ("ring", "ulysses"):
+        cp, _, _ = run(recipe, *LEVERS, "--training.steps=2", "--eval_every=0", "--parallel.context_parallel_size=2",
+                       f"--parallel.context_parallel_impl={impl}", config="cpu_2proc.yaml", name=impl)
+        assert_same_curve(one, cp)
+
+
 def test_bad_context_parallel_configurations_fail_at_start(recipe):
     """Bad layouts are refused before training, with the key and the reason."""
     cases = [

@@ -26,7 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from flashlm.model.loss import IGNORE_INDEX
-from flashlm.parallel.context_parallel import IMPLS, context_parallel_attention
+from flashlm.parallel.context_parallel import (IMPLS, REPLAYABLE, context_parallel_attention,
+                                              replay_context_parallel_attention)
 from flashlm.parallel.zigzag import shard_sequence
 
 
@@ -49,10 +50,22 @@ class ContextParallel:
         """This rank's zigzag shard of a whole-sequence tensor (sequence along ``dim``)."""
         return shard_sequence(x, self.group, dim)
 
-    def attention(self, q, k, v, window_size, cu_seqlens, deterministic):
+    @property
+    def replayable(self) -> bool:
+        """Whether a kept attention output can be replayed (ring, allgather; see
+        ``replay_context_parallel_attention``); ulysses runs its forward again."""
+        return self.impl in REPLAYABLE
+
+    def attention(self, q, k, v, window_size, cu_seqlens, deterministic, return_lse=False):
         """Causal attention of this rank's shards over the whole sequence (the model's hook)."""
         return context_parallel_attention(q, k, v, self.group, impl=self.impl, causal=True, window_size=window_size,
-                                          cu_seqlens=cu_seqlens, deterministic=deterministic)
+                                          cu_seqlens=cu_seqlens, deterministic=deterministic, return_lse=return_lse)
+
+    def replay(self, q, k, v, out, lse, window_size, cu_seqlens, deterministic):
+        """``attention`` whose forward already ran and returned ``out``, ``lse``."""
+        return replay_context_parallel_attention(q, k, v, out, lse, self.group, impl=self.impl, causal=True,
+                                                 window_size=window_size, cu_seqlens=cu_seqlens,
+                                                 deterministic=deterministic)
 
 
 def apply_context_parallel(model, group, impl: str = "ring"):

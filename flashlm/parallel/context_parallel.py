@@ -141,16 +141,78 @@ def context_parallel_attention(q, k, v, group, impl="ring", causal=True, window_
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # kernel layout
     opts = resolve_options(fn, impl, q, k, v, world, q.shape[1] * world, causal, window_size,
                            softmax_scale, cu_seqlens, head_chunks)
-    rank, deterministic = dist.get_rank(group), bool(deterministic)
-    if impl == "ring":
-        steps = sch.ring_schedule(world, opts.seqlen, opts.docs, opts.lo, opts.hi)[rank]
-        out, lse = RingAttention.apply(q, k, v, group, steps, opts.scale, deterministic)
-    elif impl == "allgather":
-        blocks = sch.allgather_schedule(world, opts.seqlen, opts.docs, opts.lo, opts.hi)[rank]
-        out, lse = AllGatherAttention.apply(q, k, v, group, blocks, opts.scale, deterministic,
-                                            opts.chunks)
+    deterministic = bool(deterministic)
+    if impl in REPLAYABLE:
+        function, args = _planned(impl, group, opts, deterministic)
+        out, lse = function.apply(q, k, v, *args)
     else:
         block = sch.whole_sequence_block(opts.seqlen, opts.docs, causal, opts.window)
         out, lse = UlyssesAttention.apply(q, k, v, group, block, opts.scale, deterministic,
                                           opts.chunks)
     return (out, lse) if return_lse else out
+
+
+# The methods whose backward needs only the inputs, the (merged) output and lse, and the plan:
+# their forward can be replayed from a kept output (``replay_context_parallel_attention``).
+# Ulysses keeps head-sharded copies made by its all-to-alls, so it runs its forward again.
+REPLAYABLE = ("ring", "allgather")
+
+
+def _planned(impl, group, opts, deterministic):
+    """(autograd Function, its arguments after q, k, v) for ``impl`` on this rank."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if impl == "ring":
+        steps = sch.ring_schedule(world, opts.seqlen, opts.docs, opts.lo, opts.hi)[rank]
+        return RingAttention, (group, steps, opts.scale, deterministic)
+    blocks = sch.allgather_schedule(world, opts.seqlen, opts.docs, opts.lo, opts.hi)[rank]
+    return AllGatherAttention, (group, blocks, opts.scale, deterministic, opts.chunks)
+
+
+class _Replayed(torch.autograd.Function):
+    """A ring or allgather attention whose forward already ran: returns the kept output, and
+    differentiates it with the method's own backward (fed the same saved state its forward
+    would have kept)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kept, plan):
+        out, lse = kept
+        function, args = plan
+        ctx.function, ctx.args = function, args
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        function, args = ctx.function, ctx.args
+        state = _SavedState(ctx.saved_tensors, function, args)
+        dq, dk, dv = function.backward(state, dout, None)[:3]
+        return dq, dk, dv, None, None
+
+
+class _SavedState:
+    """What ``RingAttention``/``AllGatherAttention`` keep on their ctx in the forward, rebuilt
+    from the kept output, for their backward."""
+
+    def __init__(self, saved, function, args):
+        self.saved_tensors = saved
+        if function is RingAttention:
+            self.group, self.steps, self.scale, self.deterministic = args
+        else:
+            self.group, self.blocks, self.scale, self.deterministic, self.chunks = args
+
+
+def replay_context_parallel_attention(q, k, v, out, lse, group, impl="ring", causal=True, window_size=(-1, -1),
+                                      softmax_scale=None, cu_seqlens=None, deterministic=True, head_chunks=None):
+    """`context_parallel_attention` (ring or allgather) whose forward already ran: ``out`` and
+    ``lse`` are what it returned (``return_lse=True``) for the same shards and options. Returns
+    ``out`` on the autograd graph of q, k, v, with the method's usual backward: activation
+    checkpointing replays attention this way instead of running its forward (and its
+    communication) again. Nothing checks that ``out`` came from these inputs."""
+    fn = "replay_context_parallel_attention"
+    if impl not in REPLAYABLE:
+        raise ValueError(f"{fn}: impl={impl!r} cannot replay a kept output; one of {REPLAYABLE} can")
+    world = dist.get_world_size(group)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    opts = resolve_options(fn, impl, q, k, v, world, q.shape[1] * world, causal, window_size,
+                           softmax_scale, cu_seqlens, head_chunks)
+    return _Replayed.apply(q, k, v, (out, lse), _planned(impl, group, opts, bool(deterministic)))
