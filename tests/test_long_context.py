@@ -1,5 +1,6 @@
-"""The long-context tools on CPU: the ladder's recipes and plan, the long-context evaluation, and
-the memory sweep's logic (a dry run with a simulated out-of-memory)."""
+"""The long-context tools on CPU: the ladder's recipes and plan, the long-context evaluation, the
+whole ladder at 1/16 scale (corpus, tokenizer, two stages, evaluation, results), and the memory
+sweep's logic (a dry run with a simulated out-of-memory)."""
 
 import json
 import math
@@ -16,6 +17,7 @@ from conftest import load_script
 from flashlm import GPT, GPTConfig
 from flashlm.hf import save_pretrained, to_hf_config
 from flashlm.recipe import load_recipe
+from test_code_corpus import fake_site_packages
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["4k", "8k", "16k", "32k", "64k", "128k"]
@@ -32,6 +34,10 @@ def test_ladder_recipes_chain_and_keep_tokens_per_step():
         assert t.micro_batch_size * t.grad_accum_steps * t.seq_len == 128 * 1024, stage
         assert r.output_dir == f"runs/longctx/{stage}"
         assert r.init_from == (None if i == 0 else recipes[i - 1].output_dir), stage
+        # Every stage reads the code corpus; an extension trains on documents as long as its context.
+        assert r.data.path == ".cache/code_corpus/train.jsonl" and r.data.tokenizer == ".cache/code_corpus/tokenizer"
+        assert r.data.min_doc_tokens == (0 if i == 0 else t.seq_len), stage
+        assert (r.data.eval_docs, r.data.seed) == (recipes[0].data.eval_docs, 0), stage  # the same held-out docs
         if i:
             assert thetas[i] > thetas[i - 1] and r.schedule.warmup_steps <= 20, stage
             # The NTK-aware rule the recipes state, to two significant digits.
@@ -42,21 +48,52 @@ def test_ladder_recipes_chain_and_keep_tokens_per_step():
     assert hf["rope_theta"] == 1.8e7 and hf["max_position_embeddings"] == 131072
 
 
-def test_ladder_plan_with_a_token_budget():
+def test_ladder_plan_with_a_token_budget(capsys):
     ladder = load_script("run_ladder")
-    args = ladder.parse_args(["--tokens-per-stage", "2M", "--out", "runs/x", "--dry-run", "--",
-                              "--logging.log_every=1"])
-    stages = ladder.plan(args)
+    args = ladder.parse_args(["--tokens-per-stage", "4k=20M", "8k=2M", "--out", "runs/x", "--corpus", "corp",
+                              "--time-limit", "500", "--dry-run", "--", "--logging.log_every=1"])
+    stages = ladder.main(args)
     assert [s["name"] for s in stages] == STAGES
     for i, stage in enumerate(stages):
         r = stage["recipe"]
-        assert r.training.steps == math.ceil(2_000_000 / (128 * 1024)) == 16
-        assert r.schedule.warmup_steps == 3 and r.logging.log_every == 1
-        assert r.output_dir == f"runs/x/{stage['name']}"
-        assert r.init_from == (None if i == 0 else f"runs/x/{STAGES[i - 1]}")
+        steps = {"4k": math.ceil(20e6 / 131072), "8k": math.ceil(2e6 / 131072)}.get(stage["name"], r.training.steps)
+        assert r.training.steps == steps and r.logging.log_every == 1
+        if stage["name"] in ("4k", "8k"):
+            assert r.schedule.warmup_steps == min(100 if i == 0 else 20, steps // 5)
+        assert r.training.ckpt_every == max(min(steps, 4), steps // 10)  # a stage cut at the time limit loses little
+        assert r.output_dir == f"runs/x/{stage['name']}" and r.data.path == "corp/train.jsonl"
+        assert r.init_from == stage["before"] == (None if i == 0 else f"runs/x/{STAGES[i - 1]}")
         assert stage["train"][1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
-        assert stage["eval"][stage["eval"].index("--seq-len") + 1] == str(r.training.seq_len)
+        assert stage["lengths"] == [4096 * 2**k for k in range(i + 1)]
+        argv = ladder.eval_arguments(stage, args)
+        assert argv[argv.index("--data") + 1] == "corp/eval.jsonl"
+        assert ("--before-lengths" in argv) == (i > 0)
+    printed = capsys.readouterr().out
+    assert re.search(r"128k: 26\.2M tokens, ~\d+ s training, ~\d+ s evaluation", printed)
     assert ladder.parse_count("500K") == 500_000 and ladder.parse_count("131072") == 131072
+    assert ladder.parse_budget(["2M"]) == dict.fromkeys(STAGES, 2_000_000)
+    with pytest.raises(SystemExit, match="STAGE=COUNT"):
+        ladder.parse_budget(["2k=1M"])
+
+
+def test_ladder_stops_a_stage_at_the_time_limit(tmp_path):
+    """A stage still running at --time-limit is stopped with its whole process group (it resumes
+    from its checkpoint on the next run); a failing stage stops the ladder."""
+    import time
+
+    ladder = load_script("run_ladder")
+    child = tmp_path / "child.pid"
+    script = f"import os, subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; " \
+             f"time.sleep(60)']); open({str(child)!r}, 'w').write(str(p.pid)); time.sleep(60)"
+    start = time.monotonic()
+    with pytest.raises(ladder.TimeLimit):
+        ladder.run([sys.executable, "-c", script], dict(os.environ), time.monotonic() + 2, "a stage")
+    assert time.monotonic() - start < 30
+    pid = int(child.read_text())
+    time.sleep(0.5)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    with pytest.raises(SystemExit, match="a stage failed with status 3"):
+        ladder.run([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), None, "a stage")
 
 
 # --- long-context evaluation ----------------------------------------------------------------
@@ -73,40 +110,124 @@ def tiny_hf_model(tmp_path_factory):
     return path
 
 
-def test_passkey_prompt_layout():
-    ev = load_script("eval/long_context")
+def test_retrieval_prompt_layouts():
+    import random
+
     from flashlm.data import load_tokenizer
 
+    ev = load_script("eval/long_context")
     tokenizer = load_tokenizer(str(ROOT / "data" / "tokenizer"))
-    stream = torch.arange(100, 3100)
+    eos = tokenizer.eos_token_id
+    haystack = ev.Haystack([torch.arange(100, 3100), torch.tensor([7, 8, eos])], eos)
     for depth in (0.0, 0.5, 1.0):
-        ids, start, answer = ev.passkey_prompt(tokenizer, stream, 600, 31415, depth, offset=7)
-        assert len(ids) == 600 and ids[start:].tolist() == answer
-        assert tokenizer.decode(answer).strip() == "31415"
+        ids, start, answer = ev.passkey_prompt(tokenizer, haystack, random.Random(1), 600, depth)
+        key = tokenizer.decode(answer).strip()
+        assert len(ids) == 600 and ids[start:].tolist() == answer and len(key) == 5 and key.isdigit()
+        assert eos not in ids.tolist()
         text = tokenizer.decode(ids)
-        assert text.endswith("What is the pass key? The pass key is 31415")
-        needle = text.index("The pass key is 31415. Remember it")
         assert text.startswith("Somewhere in the long text")
+        assert text.endswith(f"What is the pass key? The pass key is {key}")
+        needle = text.index(f"The pass key is {key}. Remember it")
         if depth == 0.0:
-            assert needle < len(ev.INTRO) + 5
+            assert needle < len(ev.PASSKEY["intro"]) + 5
         if depth == 1.0:
             assert needle > len(text) - 120
+    ids, start, answer = ev.multikey_prompt(tokenizer, haystack, random.Random(2), 800, 0.5, keys=4)
+    text = tokenizer.decode(ids)
+    stored = re.findall(r"The number stored under (\w+) is (\d+)\.", text)
+    name = re.search(r"Which number is stored under (\w+)\? It is", text).group(1)
+    assert len(ids) == 800 and len({n for n, _ in stored}) == 4
+    assert dict(stored)[name] == tokenizer.decode(answer).strip()
+    # The same seed gives the same prompt: the model before a stage reads what the one after reads.
+    assert torch.equal(ev.multikey_prompt(tokenizer, haystack, random.Random(2), 800, 0.5, keys=4)[0], ids)
+
+    class Oracle(ev.Runner):
+        """A 'model' whose hidden state at p is the one-hot of token p + shift: shift 1 always
+        predicts the next token, so it answers every prompt; shift 0 repeats the current one."""
+
+        def __init__(self, shift):
+            self.shift, self.model = shift, torch.nn.Module()
+            self.model.lm_head = torch.nn.Linear(len(tokenizer), len(tokenizer), bias=False)
+            self.model.lm_head.weight.data = torch.eye(len(tokenizer))
+
+        def hidden(self, ids):
+            return torch.nn.functional.one_hot(ids.roll(-self.shift, dims=1), len(tokenizer)).float()
+
+    prompts = [ev.passkey_prompt(tokenizer, haystack, random.Random(t), 300, t / 4) for t in range(5)]
+    prompts += [ev.multikey_prompt(tokenizer, haystack, random.Random(t), 300, 0.5, keys=3) for t in range(5)]
+    assert ev.score(Oracle(1), prompts, batch_tokens=900) == (10, 10)
+    assert ev.score(Oracle(0), prompts, batch_tokens=900)[0] == 0
 
 
-def test_eval_long_context_reports_buckets_and_passkey(tiny_hf_model, tmp_path):
+def test_eval_reports_loss_passkey_grid_multikey_and_before(tiny_hf_model, tmp_path):
     ev = load_script("eval/long_context")
     out = tmp_path / "report.json"
-    report = ev.main(ev.parse_args([
-        "--model", str(tiny_hf_model), "--seq-len", "256",
-        "--data", str(ROOT / "data" / "corpus" / "austen_persuasion.jsonl"),
-        "--windows", "2", "--buckets", "4", "--passkey-trials", "3", "--device", "cpu", "--out", str(out)]))
+    argv = ["--model", str(tiny_hf_model), "--before", str(tiny_hf_model), "--seq-len", "256",
+            "--lengths", "128", "256", "--before-lengths", "256",
+            "--data", str(ROOT / "data" / "corpus" / "austen_persuasion.jsonl"), "--cache-dir", str(tmp_path / "c"),
+            "--windows", "2", "--first-bucket", "32", "--depths", "3", "--trials", "2", "--multikey-keys", "2",
+            "--multikey-trials", "2", "--device", "cpu", "--out", str(out)]
+    report = ev.main(ev.parse_args(argv))
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    p = report["perplexity"]
+    after, before = report["after"], report["before"]
+    p = after["loss_by_position"]
     assert [(b["start"], b["end"]) for b in p["buckets"]] == [(0, 32), (32, 64), (64, 128), (128, 256)]
-    assert sum(b["tokens"] for b in p["buckets"]) == p["tokens"] == 2 * 255
+    assert sum(b["tokens"] for b in p["buckets"]) == p["tokens"] == 2 * 255 and p["within_document"]
     assert all(abs(b["loss"] - math.log(4096)) < 0.5 for b in p["buckets"])  # an untrained model
-    assert [t["depth"] for t in report["passkey"]["trials"]] == [0.0, 0.5, 1.0]
-    assert 0.0 <= report["passkey"]["accuracy"] <= report["passkey"]["token_accuracy"] <= 1.0
+    grid = after["passkey"]
+    assert grid["depths"] == [0.0, 0.5, 1.0] and sorted(grid["accuracy"]) == ["128", "256"]
+    assert all(len(row) == 3 and all(0 <= a <= 1 for a in row) for row in grid["accuracy"].values())
+    assert sorted(after["multikey"]["by_length"]) == ["128", "256"] and after["multikey"]["keys"] == 2
+    # The same model "before": the same prompts and windows give the same numbers.
+    assert before["passkey"]["lengths"] == [256] and before["loss_by_position"] == after["loss_by_position"]
+    assert before["passkey"]["accuracy"]["256"] == grid["accuracy"]["256"]
+    assert before["passkey"]["answer_token_accuracy"]["256"] == grid["answer_token_accuracy"]["256"]
+    assert "| 0-32 |" in out.with_suffix(".md").read_text()
+    # Finished cells are kept: past its deadline the evaluation computes nothing new and stops at the
+    # first cell it lacks; the cells it has make the same report.
+    cells = json.loads(out.with_name(out.name + ".partial.json").read_text())["cells"]
+    assert "after/passkey/256/2" in cells and "before/multikey/256" in cells
+    args = ev.parse_args(argv)
+    args.deadline = 0.0
+    assert ev.main(args)["after"] == after
+    args = ev.parse_args(argv[:-2] + ["--trials", "3", "--out", str(out)])  # other settings: nothing reused
+    args.deadline = 0.0
+    with pytest.raises(ev.TimeLimit):
+        ev.main(args)
+
+
+def test_ladder_end_to_end_tiny(tmp_path):
+    """The whole ladder at 1/16 scale on the CPU: the corpus from a site-packages folder, its
+    tokenizer and token counts, two stages (the second from the first's checkpoint, trained on
+    long documents), the evaluation after each, ladder.json, ladder.md and the plots."""
+    site = fake_site_packages(tmp_path / "site")
+    results = tmp_path / "results"
+    command = [sys.executable, str(ROOT / "scripts" / "run_ladder.py"), "--tiny", "--stages", "4k", "8k",
+               "--accelerate-config", "none", "--corpus", str(tmp_path / "corpus"), "--corpus-args",
+               f"--site-packages {site} --min-package-bytes 1K --long-bytes 8K --min-eval-long 2",
+               "--out", str(tmp_path / "runs"), "--results", str(results), "--",
+               f"--data.cache_dir={tmp_path / 'cache'}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ladder = json.loads((results / "ladder.json").read_text())
+    assert ladder["finished"] and ladder["corpus"]["unit"] == "tokens"
+    first, second = ladder["stages"]
+    assert (first["seq_len"], second["seq_len"]) == (256, 512) and second["min_doc_tokens"] == 512
+    for row in (first, second):
+        assert row["steps_done"] == 2 and row["tokens_seen"] == 2 * row["seq_len"] and row["tokens_per_s"] > 0
+        assert row["after"]["loss_by_position"]["seq_len"] == row["seq_len"]
+    assert first["before"] is None and second["before"]["passkey"]["lengths"] == [512]
+    assert second["after"]["passkey"]["lengths"] == [256, 512] and second["rope_theta"] == 1e6
+    assert set(second["after"]["multikey"]["by_length"]) == {"256", "512"}
+    assert "| 8k | 512 |" in (results / "ladder.md").read_text()
+    for png in ("needle_heatmap.png", "loss_by_position.png"):
+        assert (results / png).stat().st_size > 0
+    # Again: nothing is trained or evaluated twice.
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("not trained again") == 2, again.stderr[-2000:]
+    rows = json.loads((results / "ladder.json").read_text())["stages"]
+    assert [{**r, "eval_seconds": 0} for r in rows] == [{**r, "eval_seconds": 0} for r in ladder["stages"]]
 
 
 # --- memory sweep ---------------------------------------------------------------------------

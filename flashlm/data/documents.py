@@ -11,6 +11,8 @@ process tokenizes and the others read.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import itertools
 import json
 import shutil
 import tempfile
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flashlm.data.sources import DataError, open_dataset, resolve_files
+from flashlm.data.sources import DataError, local_rows, open_dataset, resolve_files
 from flashlm.data.tokenizer import TOKENIZE_BATCH, token_dtype, tokenize_fn, tokenizer_fingerprint
 from flashlm.recipe import DataConfig
 
@@ -73,6 +75,19 @@ def tokenize_documents(cfg: DataConfig, tokenizer, ds) -> TokenizedDocs:
     return TokenizedDocs(tokens, offsets)
 
 
+def tokenize_local(cfg: DataConfig, tokenizer, fmt: str, files: list[Path]) -> TokenizedDocs:
+    """``tokenize_documents`` for local text or jsonl files on a machine without ``datasets``:
+    the same tokens, ``TOKENIZE_BATCH`` documents a tokenizer call."""
+    tokenize, dtype = tokenize_fn(tokenizer, cfg.text_field), token_dtype(tokenizer)
+    texts = (row[cfg.text_field] for row in local_rows(fmt, files, cfg.text_field, cfg.sample_by))
+    docs = []
+    while batch := list(itertools.islice(texts, TOKENIZE_BATCH)):
+        ids = tokenize({cfg.text_field: batch}, range(len(docs), len(docs) + len(batch)))["input_ids"]
+        docs += [np.asarray(x, dtype) for x in ids]
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    return TokenizedDocs(np.concatenate(docs), offsets)
+
+
 def load_or_tokenize(cfg: DataConfig, tokenizer) -> tuple[TokenizedDocs, bool, Path | None]:
     """Tokenized documents of ``cfg``, from ``cfg.cache_dir`` when an entry with the same
     file contents, tokenizer and read settings is there. Returns (docs, from_cache, entry)."""
@@ -83,20 +98,22 @@ def load_or_tokenize(cfg: DataConfig, tokenizer) -> tuple[TokenizedDocs, bool, P
         hub_ds = open_dataset(fmt, files, **read, cache_dir=hub_cache, hub=(cfg.path, cfg.hub_config, cfg.hub_split))
         source = f"{cfg.path}|{cfg.hub_config}|{cfg.hub_split}|{hub_ds._fingerprint}"
 
-        def open_source(tmp):
-            return hub_ds
+        def tokenize(tmp):
+            return tokenize_documents(cfg, tokenizer, hub_ds)
     else:
         fmt, files = resolve_files(cfg.path, cfg.format)
         # Contents, not paths or mtimes: a fresh clone of the same corpus reuses the cache.
         source = _hash_files(files)
 
-        def open_source(tmp):
+        def tokenize(tmp):
+            if fmt in ("text", "jsonl") and importlib.util.find_spec("datasets") is None:
+                return tokenize_local(cfg, tokenizer, fmt, files)
             # datasets' own arrow files go in a temporary folder and leave with it.
-            return open_dataset(fmt, files, **read, cache_dir=tmp)
+            return tokenize_documents(cfg, tokenizer, open_dataset(fmt, files, **read, cache_dir=tmp))
 
     if cfg.cache_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
-            return tokenize_documents(cfg, tokenizer, open_source(tmp)), False, None
+            return tokenize(tmp), False, None
     entry = Path(cfg.cache_dir) / _cache_key(cfg, fmt, source, tokenizer)
     if (entry / "meta.json").is_file():
         tokens = np.load(entry / "tokens.npy", mmap_mode="r")
@@ -105,7 +122,7 @@ def load_or_tokenize(cfg: DataConfig, tokenizer) -> tuple[TokenizedDocs, bool, P
     work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=cfg.cache_dir))
     work.chmod(0o755)
     try:
-        docs = tokenize_documents(cfg, tokenizer, open_source(str(work / "hf")))
+        docs = tokenize(str(work / "hf"))
         shutil.rmtree(work / "hf", ignore_errors=True)
         np.save(work / "tokens.npy", docs.tokens)
         np.save(work / "offsets.npy", docs.offsets)

@@ -210,9 +210,12 @@ def prepare_data(cfg: DataConfig, tokenizer, seq_len: int):
         return StreamingData(cfg, tokenizer, seq_len)
     docs, from_cache, entry = load_or_tokenize(cfg, tokenizer)
     train_order, eval_idx = split_documents(docs.n_docs, cfg)
+    if cfg.min_doc_tokens:
+        train_order = train_order[np.diff(docs.offsets)[train_order] >= cfg.min_doc_tokens]
     train = pack(docs, train_order, seq_len)
     if len(train) == 0:
-        raise DataError(f"path={cfg.path!r}: the training split holds {train.n_tokens} tokens, "
+        long_only = f" in documents of at least min_doc_tokens={cfg.min_doc_tokens}" if cfg.min_doc_tokens else ""
+        raise DataError(f"path={cfg.path!r}: the training split holds {train.n_tokens} tokens{long_only}, "
                         f"less than one block of seq_len={seq_len}")
     evals = pack(docs, eval_idx, seq_len) if len(eval_idx) else None
     return PackedData(cfg, seq_len, tokenizer.eos_token_id, train, evals, from_cache, entry)

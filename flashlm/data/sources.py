@@ -108,9 +108,19 @@ def iter_texts(path: str, *, format: str = "auto", text_field: str = "text",
     if format == "hub":
         raise DataError("format='hub': iter_texts reads local files only")
     fmt, files = resolve_files(path, format)
-    rows = open_dataset(fmt, files, text_field, sample_by, streaming=True, cache_dir=None)
+    if fmt in ("text", "jsonl"):  # flashlm's own readers: no datasets install needed
+        rows = local_rows(fmt, files, text_field, sample_by)
+    else:
+        rows = open_dataset(fmt, files, text_field, sample_by, streaming=True, cache_dir=None)
     for row in rows:
         yield row[text_field]
+
+
+def local_rows(fmt: str, files: list[Path], text_field: str, sample_by: str) -> Iterator[dict]:
+    """The ``{text_field: str}`` rows of local text or jsonl files, validated, read without
+    ``datasets``: the same rows ``open_dataset`` gives for them."""
+    reader = _read_text_docs if fmt == "text" else _read_jsonl_docs
+    return _path_generator(reader)([str(f) for f in files], text_field, sample_by)
 
 
 def open_dataset(fmt, files, text_field, sample_by, *, streaming, cache_dir, hub=None):
