@@ -24,6 +24,7 @@ Scripts are run, not imported: each one puts ``scripts/`` on ``sys.path`` to imp
 """
 
 import datetime
+import json
 import platform
 import re
 import subprocess
@@ -96,3 +97,13 @@ def describe(env, *packages):
 def add_commit_argument(parser):
     """``--commit``: what ``environment`` records when the checkout has no .git."""
     parser.add_argument("--commit", help="git commit to record when the checkout has no .git")
+
+
+def write_report(folder, stem, report, table):
+    """Write ``report`` (with its ``"environment"`` block) as ``<folder>/<stem>.json`` and the
+    readable ``table`` as ``<folder>/<stem>.md``, and print the table."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (folder / f"{stem}.md").write_text(table)
+    print(table)

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from provenance import add_commit_argument, describe, environment  # noqa: E402
+from provenance import add_commit_argument, describe, environment, write_report  # noqa: E402
+from timing import cuda_median_ms  # noqa: E402
 
 from flashlm import flash_attn_func, flash_attn_varlen_func  # noqa: E402
 from flashlm.parallel import simulate_context_parallel  # noqa: E402
@@ -51,19 +52,6 @@ def documents(seqlen, mean, seed=0):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
-def timed(fn, repeats):
-    fn()  # warm-up (and autotuning)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def unsplit_seconds(q, k, v, dout, cu, repeats):
     """Forward + backward of the kernel on the whole sequence."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
@@ -78,7 +66,7 @@ def unsplit_seconds(q, k, v, dout, cu, repeats):
             out = flash_attn_varlen_func(q[0], k[0], v[0], cuda_cu, cuda_cu, longest, longest, causal=True)[None]
         torch.autograd.grad(out, (q, k, v), dout)
 
-    return timed(step, repeats)
+    return cuda_median_ms(step, repeats) / 1e3
 
 
 def memory_model(path):
@@ -168,10 +156,7 @@ def main(argv=None):
               "gpu_gib": args.gpu_gib, "doc_mean": args.doc_mean, "rows": rows,
               "memory_fit": {p: {"fixed_gib": f, "gib_per_token": t} for p, (f, t) in fits.items()},
               "longest_context": longest}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "context_parallel.json").write_text(json.dumps(report, indent=1))
-    (args.out / "context_parallel.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "context_parallel", report, markdown(report))
     return 0
 
 

@@ -26,7 +26,6 @@ layer inputs).
 """
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from provenance import add_commit_argument, environment  # noqa: E402
+from provenance import add_commit_argument, environment, write_report  # noqa: E402
 
 from flashlm.model import GPT, GPTConfig  # noqa: E402
 
@@ -143,10 +142,7 @@ def main(argv=None):
                  "activations_gib": activations / GIB}
     report = {"environment": environment("cuda" if args.check else "cpu", commit=args.commit),
               "seq_len": args.seq_len, "levers": LEVERS, "check": check, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fsdp_memory.json").write_text(json.dumps(report, indent=1))
-    (args.out / "fsdp_memory.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "fsdp_memory", report, markdown(report))
     return 0
 
 

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for provenance
 from provenance import add_commit_argument, environment  # noqa: E402
+from timing import cuda_median_ms  # noqa: E402
 
 import flashlm
 from flashlm import GPT, GPTConfig
@@ -50,19 +51,6 @@ def forward_backward(model, input_ids, backend, bf16):
     return out.loss.detach().float(), out.logits.detach().float()
 
 
-def timed_ms(fn, repeats=5):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def check_training_step(args):
     """Check 1: flash vs sdpa forward+backward of the preset in bf16 autocast."""
     torch.manual_seed(0)
@@ -82,7 +70,7 @@ def check_training_step(args):
             "logits_rel_err": rel_err(logits, ref_logits),
             "grad_rel_err": {n: rel_err(p.grad, ref_grads[n]) for n, p in model.named_parameters()},
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "fwd_bwd_ms": timed_ms(lambda b=backend: forward_backward(model, input_ids, b, bf16=True)),
+            "fwd_bwd_ms": cuda_median_ms(lambda b=backend: forward_backward(model, input_ids, b, bf16=True)),
         }
     flash, sdpa = runs["flash"], runs["sdpa"]
     ok = {
