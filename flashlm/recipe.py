@@ -308,6 +308,9 @@ RUN_CONTROL_KEYS = (
     "output_dir", "resume", "logging", "export", "data.cache_dir", "data.num_proc", "training.steps",
     "training.stop_at_step", "training.eval_every", "training.eval_batches", "training.ckpt_every",
     "training.keep_last", "training.on_nonfinite", "training.max_skipped_steps",
+    # How processes split the work (like their number, which a recipe does not hold): the same
+    # run continues on another layout, to fp32 rounding.
+    "parallel",
 )
 
 

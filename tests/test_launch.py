@@ -87,6 +87,17 @@ def test_fsdp2_with_context_parallel_allgather_tracks_one_process(recipe):
     assert "memory per process after step 1" in out
     assert_same_curve(one, both)
     assert_same_curve(one_eval, both_eval)
+    # Stopped after the step-2 checkpoint, with a save of step 4 cut short on one rank (its
+    # staging directory holds one rank's shard and no metadata): the resume starts from step 2
+    # and continues the same curve, resharded onto one process.
+    args = ("--parallel.context_parallel_size=2", "--parallel.context_parallel_impl=allgather", "--ckpt_every=2")
+    run(recipe, *args, "--stop_at_step=2", config="cpu_2proc_fsdp2.yaml", name="cut")
+    staging = recipe.parent / "cut" / "checkpoints" / ".step_00000004.tmp" / "pytorch_model_fsdp_0"
+    staging.mkdir(parents=True)
+    (staging / "__0_0.distcp").write_bytes(b"half a shard")
+    resumed, _, out = run(recipe, "--ckpt_every=2", "--resume", name="cut")
+    assert "resuming from" in out and "step_00000002" in out
+    assert_same_curve(one, resumed)
 
 
 LEVERS = ("--model.gradient_checkpointing=true", "--model.checkpoint_keep_attention=true",
