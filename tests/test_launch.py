@@ -87,6 +87,21 @@ def test_fsdp2_with_context_parallel_allgather_tracks_one_process(recipe):
     assert "memory per process after step 1" in out
     assert_same_curve(one, both)
     assert_same_curve(one_eval, both_eval)
+    # The sharded checkpoint exports, in this one process without a process group, to the same
+    # Hugging Face model as the one-process run's checkpoint (logits through transformers).
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from flashlm.hf.export import ExportArgs
+    from flashlm.hf.export import main as export_main
+    from flashlm.training.sharded_checkpoint import is_sharded_checkpoint
+
+    assert is_sharded_checkpoint(next((recipe.parent / "both" / "checkpoints").glob("step_*")))
+    exports = [export_main(ExportArgs(source=str(recipe.parent / name), output_dir=str(recipe.parent / f"{name}_hf")))
+               for name in ("one", "both")]
+    ids = torch.randint(0, 4096, (2, 48), generator=torch.Generator().manual_seed(0))
+    logits = [AutoModelForCausalLM.from_pretrained(path)(ids).logits for path in exports]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
     # Stopped after the step-2 checkpoint, with a save of step 4 cut short on one rank (its
     # staging directory holds one rank's shard and no metadata): the resume starts from step 2
     # and continues the same curve, resharded onto one process.
