@@ -183,7 +183,7 @@ def _ulysses_rank(rank, n, q, k, v, dout, block, scale, det, with_backward):
 
 def simulate_context_parallel(q, k, v, world_size, impl, causal=True, window_size=(-1, -1),
                               softmax_scale=None, cu_seqlens=None, backward=True,
-                              deterministic=True, warmup=1, repeats=3, dout=None):
+                              deterministic=True, warmup=1, repeats=3, dout=None, assemble=True):
     """Run each rank's share of a context-parallel attention layer, one rank after another.
 
     Args:
@@ -196,6 +196,9 @@ def simulate_context_parallel(q, k, v, world_size, impl, causal=True, window_siz
         backward: also time each rank's backward.
         warmup, repeats: untimed and timed runs per rank and pass; the median is kept.
         dout: the output gradient for the backward (random normal when None).
+        assemble: keep the ranks' results and lay them back in position order (the outputs
+            and gradients of the whole sequence: memory for long sequences); False returns the
+            timings, calls and bytes only.
 
     Returns:
         A `Simulation`: per-rank forward/backward seconds, kernel calls and bytes per layer, and
@@ -231,12 +234,15 @@ def simulate_context_parallel(q, k, v, world_size, impl, causal=True, window_siz
     for forward, backward_fn in ranks:
         seconds, out = _timed(forward, warmup, repeats, q.is_cuda)
         forward_s.append(seconds)
-        outs.append(out)
+        if assemble:
+            outs.append(out)
         if backward_fn is not None:
             seconds, grad = _timed(backward_fn, warmup, repeats, q.is_cuda)
             backward_s.append(seconds)
-            grads.append(grad)
-    out, lse, dq, dk, dv = _assemble(impl, n, outs, grads, q, k)
+            if assemble:
+                grads.append(grad)
+        del out
+    out, lse, dq, dk, dv = _assemble(impl, n, outs, grads, q, k) if assemble else (None,) * 5
     sent = communication_bytes(impl, n, batch, seqlen, nheads, k.shape[2], head_dim,
                                q.element_size(), ring_hops=hops)
     return Simulation(impl=impl, world_size=n, forward_s=forward_s, backward_s=backward_s,

@@ -124,7 +124,7 @@ def main(argv=None):
                         print(f"time budget spent: skipping S={seqlen} N={n} {impl} {layout}", flush=True)
                         continue
                     sim = simulate_context_parallel(q, k, v, n, impl, causal=True, cu_seqlens=cu, dout=dout,
-                                                    warmup=1, repeats=args.repeats)
+                                                    warmup=1, repeats=args.repeats, assemble=False)
                     per_rank = [f + b for f, b in zip(sim.forward_s, sim.backward_s)]
                     slowest = max(per_rank)
                     comm = {p: sim.bytes[p] / (args.link_gbs * 1e9) for p in ("forward", "backward")}
