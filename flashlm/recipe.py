@@ -176,6 +176,11 @@ class TrainingConfig:
     # skipped steps in one run, stop).
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 10
+    # Bit-for-bit reproducible steps (a resumed run then matches an uninterrupted one exactly):
+    # torch.use_deterministic_algorithms(True) for the run, which also switches flash attention
+    # (model.attention_deterministic: auto) to its deterministic backward. Off: the faster
+    # non-deterministic kernels where they exist.
+    deterministic: bool = False
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "seq_len", "keep_last"):

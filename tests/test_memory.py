@@ -301,3 +301,44 @@ def test_keep_attention_needs_checkpointing_and_recomputes_on_a_second_backward(
     tol = dict(rtol=0, atol=0) if DEVICE == "cpu" else dict(rtol=1e-5, atol=1e-7)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, 2 * first[name], **tol, msg=name)
+
+
+PLANNED = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=192, rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=512,
+               attn_backend="sdpa", fused_ops="torch", gradient_checkpointing="auto", checkpoint_memory_budget=1.0)
+
+
+@pytest.mark.parametrize("levers", [{}, dict(loss_chunk_size=64, checkpoint_dtype="bfloat16", mlp_chunk_size=64)],
+                         ids=["no-levers", "levers"])
+def test_activation_model_matches_measured_bytes(levers):
+    """flashlm.model.plan's memory model against LiveTensorBytes for one bf16-autocast step:
+    the bytes kept from forward to backward and the peak (activations and gradients) within
+    12% for whole, recomputed, offloaded and mixed plans. On a CPU an offloaded input is a
+    copy in the same memory, so it is counted as state here; the GPU sweep
+    (scripts/bench/memory_sweep.py --rows flashlm_auto) checks the real offload."""
+    import gc
+
+    from flashlm.model.plan import ActivationModel, estimate, parameter_count, parse_plan
+    ids = torch.randint(0, PLANNED["vocab_size"], (2, 256))
+    config = GPTConfig(**PLANNED, **levers)
+    activations = ActivationModel(config, ids.numel(), ids.shape[1], compute_bytes=2, residual_bytes=4,
+                                  param_bytes=4, backend="sdpa", fused=False, device_type="cpu")
+    for spec in ("4*none", "4*checkpoint", "4*checkpoint+qkv+gate_up", "2*checkpoint,2*none",
+                 "offload,checkpoint+attention,checkpoint+gate_up,none"):
+        torch.manual_seed(1)
+        model = GPT(config)
+        model.set_checkpoint_plan(spec)
+        with LiveTensorBytes() as meter:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(ids, labels=ids).loss
+            gc.collect()
+            kept = meter.current
+            loss.backward()
+        layers = parse_plan(spec, 4)
+        host = sum(activations.host_bytes(layer) for layer in layers)
+        expected_kept = (sum(activations.kept_bytes(layer) for layer in layers) + host
+                         + activations.weight_cache_bytes() * sum(layer.recomputed for layer in layers)
+                         + activations.outside_layers_bytes()[0])
+        expected_peak, _ = estimate(layers, activations, state_bytes=host, grad_bytes=4 * parameter_count(config))
+        assert abs(expected_kept / kept - 1) < 0.12, (spec, kept, expected_kept)
+        assert abs(expected_peak / meter.peak - 1) < 0.12, (spec, meter.peak, expected_peak)

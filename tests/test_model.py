@@ -88,8 +88,9 @@ def test_invalid_config_names_field_and_value(overrides, field):
 
 
 def test_attention_deterministic_reaches_the_kernel(monkeypatch):
-    """GPTConfig.attention_deterministic is what every layer passes to flash_attn_func (the
-    default True keeps the reproducible backward); the loss does not depend on it."""
+    """GPTConfig.attention_deterministic, when set, is what every layer passes to
+    flash_attn_func (the default "auto" follows torch.use_deterministic_algorithms:
+    tests/test_speed_levers.py); the loss does not depend on it."""
     import flashlm.model.model as model_module
     seen = []
     real = model_module.flash_attn_func

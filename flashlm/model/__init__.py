@@ -4,8 +4,11 @@
 - ``model``: RMSNorm -> RoPE -> attention (flash, sdpa, eager; masks for windows and packed
   documents) -> SwiGLU MLP -> decoder block -> ``GPT``;
 - ``loss``: next-token cross-entropy, chunked so the logits never exist whole;
-- ``checkpointing``: per-layer activation checkpointing, CPU offload, kept attention outputs,
-  and the chunked MLP.
+- ``checkpointing``: per-layer activation checkpointing, CPU offload, kept op outputs (attention,
+  projections), and the chunked MLP;
+- ``plan``: which layers to recompute, offload or keep, and the planner that fits that to a
+  memory budget (``gradient_checkpointing: auto``);
+- ``compile``: regional ``torch.compile`` of the decoder blocks.
 """
 
 from flashlm.model.config import PRESETS, GPTConfig

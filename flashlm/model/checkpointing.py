@@ -13,10 +13,12 @@ recomputation, and the activations of the one layer being recomputed, above all 
   runs forward and backward chunk by chunk, so at most ``mlp_chunk_size`` tokens of MLP
   activations exist at a time, at no extra FLOPs: its output is never needed again, only its
   gradient.
-- ``AttentionTape`` (``keep_attention``): the layer's flash-attention output and lse kept from
-  the forward pass, so the recomputation replays attention instead of running its forward
-  again: at long context the costliest op of the layer, for one (tokens, hidden) tensor in the
-  compute dtype per layer.
+- ``LayerTape`` (``CheckpointOptions.keep``): outputs of chosen ops kept from the forward pass
+  of a checkpointed layer, so the recomputation replays them instead of running the ops again
+  (selective checkpointing). "attention": flash attention's output and lse, at long context
+  the costliest op of the layer, for one (tokens, hidden) tensor in the compute dtype;
+  "qkv" and "gate_up": the outputs of those projections (``tape_linear``), whose replay
+  differentiates the saved product without recomputing it.
 - ``block_forward``: a layer run whole (no checkpointing) with the MLP chunked over tokens:
   without a graph a plain loop; with a graph ``_ChunkedMLP``, which keeps only the MLP input
   and recomputes each chunk in the backward pass (one extra gate/up projection).
@@ -46,6 +48,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -55,52 +58,64 @@ class CheckpointOptions:
     save_dtype: dtype the input is kept in (e.g. torch.bfloat16), None for its own dtype.
     offload: where the inputs of this forward pass go when kept in CPU memory, or None.
     mlp_chunk_size: tokens per MLP chunk in the recomputation; 0 runs the MLP whole.
-    keep_attention: keep the layer's flash-attention results for the recomputation
-        (``AttentionTape``).
+    keep: the ops whose outputs the layer keeps for the recomputation (``LayerTape``): any of
+        "attention", "qkv", "gate_up".
     """
 
     save_dtype: torch.dtype | None = None
     offload: ActivationOffload | None = None
     mlp_chunk_size: int = 0
-    keep_attention: bool = False
+    keep: frozenset[str] = frozenset()
 
 
-class AttentionTape:
-    """The flash-attention results (output, lse) of one checkpointed layer's forward pass, in
+class LayerTape:
+    """Outputs of the kept ops (``keep``) of one checkpointed layer's forward pass, per op in
     call order, for its recomputation to replay.
 
-    While a tape is recording (``attention_tape(tape)``), the model's flash attention returns
-    its lse as well and hands both to ``record``; while it replays (``replay=True``), the
-    attention takes them back with ``take`` and skips its forward kernel
-    (``flash_attn_replay``). Other attention backends ignore the tape.
+    While a tape is recording (``layer_tape(tape)``), each kept op hands its results to
+    ``record``; while it replays (``replay=True``), the op takes them back with ``take`` and
+    attaches them to the recomputed graph without running again: flash attention through
+    ``flash_attn_replay`` (other attention backends ignore the tape), a projection through
+    ``tape_linear``.
     """
 
-    def __init__(self):
-        self._saved = []
+    def __init__(self, keep):
+        self.keep = frozenset(keep)
+        self._saved = {}
         self.replaying = False
 
-    def record(self, out, lse):
-        self._saved.append((out, lse))
+    def record(self, op, *results):
+        self._saved.setdefault(op, []).append(results)
 
-    def take(self):
-        if not self._saved:
-            raise RuntimeError("attention tape is empty: the recomputation ran more attention calls than the "
-                               "forward pass recorded")
-        return self._saved.pop(0)
+    def take(self, op):
+        saved = self._saved.get(op)
+        if not saved:
+            raise RuntimeError(f"the layer tape holds no more {op!r} results: the recomputation ran more {op} "
+                               "calls than the forward pass recorded")
+        return saved.pop(0)
 
 
 _TAPES = threading.local()
 
 
-def current_attention_tape() -> AttentionTape | None:
+def current_layer_tape() -> LayerTape | None:
     """The tape of the checkpointed layer running on this thread, if any."""
     return getattr(_TAPES, "tape", None)
 
 
+def taped(op) -> LayerTape | None:
+    """The current tape if it keeps ``op``, else None. Inside a compiled region always None:
+    a block's half is compiled only where none of its ops is taped (``Block.compiled``)."""
+    if torch.compiler.is_compiling():
+        return None
+    tape = getattr(_TAPES, "tape", None)
+    return tape if tape is not None and op in tape.keep else None
+
+
 @contextlib.contextmanager
-def attention_tape(tape: AttentionTape | None, replay: bool = False):
+def layer_tape(tape: LayerTape | None, replay: bool = False):
     """Make ``tape`` (None: no tape) current on this thread: recording, or replaying."""
-    previous = current_attention_tape()
+    previous = current_layer_tape()
     _TAPES.tape = tape
     if tape is not None:
         tape.replaying = replay
@@ -108,6 +123,48 @@ def attention_tape(tape: AttentionTape | None, replay: bool = False):
         yield tape
     finally:
         _TAPES.tape = previous
+
+
+class _ReplayedLinear(torch.autograd.Function):
+    """``F.linear(x, weight)`` whose forward already ran: returns the saved product and
+    differentiates it as autograd differentiates the matmul (``MmBackward``: dx = dy @ W,
+    dW = dy^T @ x), so the gradients equal the plain path's bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x, weight, out):
+        ctx.save_for_backward(x, weight)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_x = flat.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_weight = flat.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight, None
+
+
+def tape_linear(x, weight, op):
+    """``F.linear(x, weight)`` (no bias) for the projection named ``op`` ("qkv", "gate_up").
+
+    Inside a checkpointed layer that keeps ``op``: the forward pass records the product, and
+    the recomputation returns it, attached to x and weight, without the matmul. Elsewhere a
+    plain ``F.linear``.
+    """
+    tape = taped(op)
+    if tape is None:
+        return F.linear(x, weight)
+    if not tape.replaying:
+        out = F.linear(x, weight)
+        tape.record(op, out)
+        return out
+    (out,) = tape.take(op)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # The casts autocast applies to F.linear's inputs, so the graph is the plain path's.
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    return _ReplayedLinear.apply(x, weight, out)
 
 
 class ActivationOffload:
@@ -129,6 +186,11 @@ class ActivationOffload:
         self._host: dict[int, tuple[torch.Tensor, torch.device]] = {}
         self._fetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self._slots = 0
+
+    @property
+    def slots(self) -> int:
+        """How many inputs ``save`` has taken so far (the last one is ``slots - 1``)."""
+        return self._slots
 
     def save(self, x: torch.Tensor) -> int:
         """Start copying ``x`` to host memory; returns the slot to ``load`` it from."""
@@ -252,8 +314,8 @@ class _CheckpointedBlock(torch.autograd.Function):
         ctx.block, ctx.attn_args, ctx.options = block, attn_args, options
         ctx.autocast = _autocast_state(x.device.type)
         ctx.input_dtype = x.dtype
-        ctx.tape = AttentionTape() if options.keep_attention else None
-        with attention_tape(ctx.tape):
+        ctx.tape = LayerTape(options.keep) if options.keep else None
+        with layer_tape(ctx.tape):
             out = block_forward(block, x, attn_args, options.mlp_chunk_size)
         ctx.kept = None
         if options.offload is not None:
@@ -279,11 +341,10 @@ class _CheckpointedBlock(torch.autograd.Function):
         x = kept.to(ctx.input_dtype).detach().requires_grad_()
         del kept  # a bf16 or offloaded copy is not needed once upcast
         attn_params, mlp_params = _attn_params(block), _mlp_params(block)
-        with torch.enable_grad(), _autocast(x.device.type, ctx.autocast):
-            with attention_tape(ctx.tape, replay=True):
-                h = block.attention_residual(x, *ctx.attn_args)
-            ctx.tape = None  # the replayed results now belong to h's graph
+        with torch.enable_grad(), _autocast(x.device.type, ctx.autocast), layer_tape(ctx.tape, replay=True):
+            h = block.attention_residual(x, *ctx.attn_args)
             grad_h, mlp_grads = _mlp_backward(block, h.detach(), grad_out, options.mlp_chunk_size, mlp_params)
+        ctx.tape = None  # the replayed results now belong to the recomputed graphs
         grad_x, *attn_grads = _grads(h, [x, *attn_params], grad_h)
         return (grad_x, None, None, None, *attn_grads, *mlp_grads)
 

@@ -53,7 +53,15 @@ class GPTConfig:
             arithmetic; the norms before the projections return the autocast dtype directly),
             "torch" (the PyTorch compositions, any device), or "auto": triton for CUDA inputs,
             torch otherwise.
-        gradient_checkpointing: recompute each decoder layer in the backward pass.
+        gradient_checkpointing: true: recompute every decoder layer in the backward pass from
+            its input; false: keep every layer's activations; "auto": a per-layer plan (keep the
+            layer whole, recompute it, or recompute it from an input in host memory; keep chosen
+            ops of a recomputed layer) with the least recomputation whose estimated peak fits
+            ``checkpoint_memory_budget``, resolved once at start for the run's micro-batch and
+            device (``flashlm.model.plan``; ``GPT.set_checkpoint_plan`` sets one by hand).
+        checkpoint_memory_budget: with gradient_checkpointing "auto", the peak memory the plan
+            must fit, weights, gradients and optimizer state included: GiB above 1, or a fraction
+            in (0, 1] of the device's memory. Unset otherwise.
         loss_chunk_size: with labels, compute the LM head and cross-entropy this many tokens at
             a time so the full (tokens, vocab) logits never exist; 0 disables.
         loss_impl: the fused LM head + cross-entropy used when ``loss_chunk_size > 0``:
@@ -61,20 +69,27 @@ class GPTConfig:
             CUDA only, imported on first use; it picks its own chunking).
         checkpoint_dtype: None, or "bfloat16": keep each checkpointed layer input in bf16 (the
             residual stream is fp32 under autocast over fp32 weights); the recomputation then
-            starts from the rounded input. Needs gradient_checkpointing.
+            starts from the rounded input. Needs gradient_checkpointing (true or "auto").
         checkpoint_offload: keep the checkpointed layer inputs in pinned CPU memory, copied on a
-            side CUDA stream while the GPU computes. Needs gradient_checkpointing.
+            side CUDA stream while the GPU computes. Needs gradient_checkpointing true ("auto"
+            plans offloading per layer).
         checkpoint_keep_attention: keep each checkpointed layer's flash-attention output and
             lse from the forward pass, so the recomputation in the backward pass skips
             attention's forward kernel (at long context the costliest op of a layer), for one
             (tokens, hidden) tensor in the compute dtype per layer. Other attention backends
-            recompute as before. Needs gradient_checkpointing.
-        attention_deterministic: keep flash attention's backward bit-for-bit reproducible (the
-            default). False lets Hopper GPUs run the fused backward, which sums dQ with atomics
-            in a varying order and is faster (see ``flash_attn_func``).
+            recompute as before. Needs gradient_checkpointing true ("auto" plans it per layer).
+        attention_deterministic: whether flash attention's backward is bit-for-bit
+            reproducible. "auto" (the default) follows PyTorch: deterministic exactly when
+            ``torch.use_deterministic_algorithms(True)`` is in effect, read at each call; true
+            forces the reproducible backward, false lets Hopper GPUs run the fused backward,
+            which sums dQ with atomics in a varying order and is faster (see
+            ``flash_attn_func``).
         mlp_chunk_size: run the MLP this many tokens at a time, so that at most that many tokens
             of (tokens, intermediate_size) activations exist; free under gradient_checkpointing,
             one extra gate/up projection without it; 0 disables.
+        compile: regional ``torch.compile`` of the decoder blocks (``flashlm.model.compile``),
+            applied by the training loop at start: true, false (the default until it is
+            measured faster on the GPU), or "auto": on for CUDA, off elsewhere.
 
     Derived:
         head_dim: hidden_size // num_attention_heads.
@@ -98,14 +113,16 @@ class GPTConfig:
     sliding_window: int | None = None
     attn_backend: str = "auto"
     fused_ops: str = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False
+    checkpoint_memory_budget: float | None = None
     loss_chunk_size: int = 0
     loss_impl: str = "chunked"
     checkpoint_dtype: str | None = None
     checkpoint_offload: bool = False
     checkpoint_keep_attention: bool = False
-    attention_deterministic: bool = True
+    attention_deterministic: bool | str = "auto"
     mlp_chunk_size: int = 0
+    compile: bool | str = False
     head_dim: int = field(init=False)
 
     def __post_init__(self):
@@ -131,8 +148,17 @@ class GPTConfig:
         _check(self.fused_ops in FUSED_OPS, "fused_ops", self.fused_ops, f"one of {FUSED_OPS}")
         _check(isinstance(self.tie_word_embeddings, bool), "tie_word_embeddings", self.tie_word_embeddings,
                "a bool")
-        _check(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing",
-               self.gradient_checkpointing, "a bool")
+        _check(_is_auto_or_bool(self.gradient_checkpointing), "gradient_checkpointing",
+               self.gradient_checkpointing, "true, false or 'auto'")
+        auto = self.gradient_checkpointing == "auto"
+        budget = self.checkpoint_memory_budget
+        if auto:
+            _check(_is_number(budget) and budget > 0 and math.isfinite(budget), "checkpoint_memory_budget", budget,
+                   "with gradient_checkpointing 'auto', the peak memory to plan for: GiB above 1, or a fraction "
+                   "in (0, 1] of the device's memory")
+        else:  # kept for a later "auto" (a checkpoint of an "auto" run loaded with checkpointing on or off)
+            _check(budget is None or (_is_number(budget) and budget > 0), "checkpoint_memory_budget", budget,
+                   "None or a positive number")
         _check(_is_int(self.loss_chunk_size) and self.loss_chunk_size >= 0, "loss_chunk_size",
                self.loss_chunk_size, "a non-negative integer (0 disables chunking)")
         _check(self.loss_impl in LOSS_IMPLS, "loss_impl", self.loss_impl, f"one of {LOSS_IMPLS}")
@@ -143,11 +169,18 @@ class GPTConfig:
         _check(isinstance(self.checkpoint_offload, bool), "checkpoint_offload", self.checkpoint_offload, "a bool")
         _check(isinstance(self.checkpoint_keep_attention, bool), "checkpoint_keep_attention",
                self.checkpoint_keep_attention, "a bool")
-        _check(isinstance(self.attention_deterministic, bool), "attention_deterministic",
-               self.attention_deterministic, "a bool")
-        for name in ("checkpoint_dtype", "checkpoint_offload", "checkpoint_keep_attention"):
-            _check(self.gradient_checkpointing or not getattr(self, name), name, getattr(self, name),
-                   "unset unless gradient_checkpointing is true (it applies to checkpointed layer inputs)")
+        _check(_is_auto_or_bool(self.attention_deterministic), "attention_deterministic",
+               self.attention_deterministic, "true, false or 'auto' (deterministic when "
+               "torch.use_deterministic_algorithms(True) is in effect)")
+        _check(bool(self.gradient_checkpointing) or not self.checkpoint_dtype, "checkpoint_dtype",
+               self.checkpoint_dtype, "unset unless gradient_checkpointing is true or 'auto' (it applies to "
+               "checkpointed layer inputs)")
+        for name in ("checkpoint_offload", "checkpoint_keep_attention"):
+            _check(self.gradient_checkpointing is True or not getattr(self, name), name, getattr(self, name),
+                   "unset unless gradient_checkpointing is true (it applies to checkpointed layer inputs; "
+                   "with 'auto' the plan chooses it per layer)")
+        _check(_is_auto_or_bool(self.compile), "compile", self.compile,
+               "true, false or 'auto' (compiled blocks on CUDA)")
         _check(_is_int(self.mlp_chunk_size) and self.mlp_chunk_size >= 0, "mlp_chunk_size",
                self.mlp_chunk_size, "a non-negative integer (0 disables chunking)")
         for name in ("bos_token_id", "pad_token_id"):
@@ -208,6 +241,10 @@ def _copy(value):
 
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_auto_or_bool(value):
+    return isinstance(value, bool) or value == "auto"
 
 
 def _is_number(value):

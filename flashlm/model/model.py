@@ -26,9 +26,10 @@ from flashlm.kernels.rms_norm import rms_norm
 from flashlm.kernels.rope import rotary_embedding
 from flashlm.kernels.swiglu import swiglu
 from flashlm.model.checkpointing import (ActivationOffload, CheckpointOptions, block_forward, checkpoint_block,
-                                         current_attention_tape)
+                                         tape_linear, taped)
 from flashlm.model.config import GPTConfig
 from flashlm.model.loss import next_token_loss
+from flashlm.model.plan import LayerPlan, config_plan, parse_plan
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,15 @@ def fused_ops_enabled(config, device):
     """Whether RMSNorm, RoPE and SwiGLU run as Triton kernels for inputs on ``device``:
     ``config.fused_ops`` "triton", or "auto" on a CUDA device."""
     return config.fused_ops == "triton" or (config.fused_ops == "auto" and device.type == "cuda")
+
+
+def deterministic_attention(config):
+    """Whether attention's backward must be bit-for-bit reproducible: ``config.attention_deterministic``,
+    or with "auto" whether ``torch.use_deterministic_algorithms(True)`` is in effect, read at
+    each call as PyTorch's own ops read it."""
+    if config.attention_deterministic == "auto":
+        return torch.are_deterministic_algorithms_enabled()
+    return config.attention_deterministic
 
 
 class RMSNorm(nn.Module):
@@ -181,6 +191,7 @@ class AttentionMask:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
     dense: torch.Tensor | None = None
+    context_parallel: object | None = None  # flashlm.parallel.ContextParallel: the ranks sharing a sequence
 
 
 def check_cu_seqlens(cu_seqlens, batch, seqlen, max_seqlen=None):
@@ -259,10 +270,23 @@ def attention(q, k, v, backend, mask=None, deterministic=True):
     flash backend take its faster non-deterministic backward. The output has q's shape and dtype.
     """
     mask = mask or AttentionMask()
+    if mask.context_parallel is not None:
+        # The sequence is split over ranks: attention runs over the whole of it, from this
+        # rank's shards (cu_seqlens, on the CPU, describe the whole sequence). Kept attention
+        # outputs work as below where the method can replay them.
+        cp, args = mask.context_parallel, (mask.window_size, mask.cu_seqlens, deterministic)
+        tape = taped("attention") if cp.replayable else None
+        if tape is not None and tape.replaying:
+            return cp.replay(q, k, v, *tape.take("attention"), *args)
+        if tape is not None:
+            out, lse = cp.attention(q, k, v, *args, return_lse=True)
+            tape.record("attention", out, lse)
+            return out
+        return cp.attention(q, k, v, *args)
     if backend == "flash":
-        # Inside a checkpointed layer with keep_attention: record (out, lse) in the forward
+        # Inside a checkpointed layer that keeps attention: record (out, lse) in the forward
         # pass, replay them in the recomputation instead of running the forward kernel again.
-        tape = current_attention_tape()
+        tape = taped("attention")
         record = tape is not None and not tape.replaying
         batch, seqlen = q.shape[:2]
         packed = {}
@@ -271,7 +295,7 @@ def attention(q, k, v, backend, mask=None, deterministic=True):
             q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
             packed = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest)
         if tape is not None and tape.replaying:
-            out = flash_attn_replay(q, k, v, *tape.take(), causal=True, window_size=mask.window_size,
+            out = flash_attn_replay(q, k, v, *tape.take("attention"), causal=True, window_size=mask.window_size,
                                     deterministic=deterministic, **packed)
         elif packed:
             # GPT.forward checked the offsets once (check_cu_seqlens); no per-layer read-back.
@@ -282,7 +306,7 @@ def attention(q, k, v, backend, mask=None, deterministic=True):
             out = flash_attn_func(q, k, v, causal=True, window_size=mask.window_size, return_lse=record,
                                   deterministic=deterministic)
         if record:
-            tape.record(*out)
+            tape.record("attention", *out)
             out = out[0]
         return out.view(batch, seqlen, *out.shape[1:]) if packed else out
     if backend == "sdpa":
@@ -320,8 +344,8 @@ class Attention(nn.Module):
         # One product for q, k and v: autocast casts the input once and the backward pass keeps
         # that one copy (three separate projections would each keep their own).
         weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        q, k, v = F.linear(x, weight).split([self.q_proj.out_features, self.k_proj.out_features,
-                                              self.v_proj.out_features], dim=-1)
+        q, k, v = tape_linear(x, weight, "qkv").split([self.q_proj.out_features, self.k_proj.out_features,
+                                                       self.v_proj.out_features], dim=-1)
         q = q.view(batch, seqlen, self.num_heads, self.head_dim)
         k = k.view(batch, seqlen, self.num_kv_heads, self.head_dim)
         # A copy of v of its own: a view would keep the whole q|k|v product alive until backward.
@@ -330,7 +354,7 @@ class Attention(nn.Module):
             q, k = rotary_embedding(q, k, cos, sin)  # one launch, q and k read in place
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attention(q, k, v, backend, mask, self.config.attention_deterministic)
+        out = attention(q, k, v, backend, mask, deterministic_attention(self.config))
         return self.o_proj(out.reshape(batch, seqlen, -1))
 
 
@@ -344,7 +368,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         # gate and up as one product, for the same reason as Attention's q, k, v.
-        gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+        gate_up = tape_linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]), "gate_up")
         if fused_ops_enabled(self.config, x.device):
             # Keeps only gate_up for backward and returns its gradient as one tensor.
             return self.down_proj(swiglu(gate_up))
@@ -352,13 +376,25 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def attention_half(block, x, cos, sin, backend, mask=None):
+    """The first residual half of a decoder layer: ``x + attn(attn_norm(x))``."""
+    return x + block.attn(block.attn_norm(x), cos, sin, backend, mask)
+
+
+def mlp_half(block, h):
+    """The second residual half of a decoder layer: ``h + mlp(mlp_norm(h))``."""
+    return h + block.mlp(block.mlp_norm(h))
+
+
 class Block(nn.Module):
     """A pre-norm decoder layer: ``mlp_residual(attention_residual(x))``.
 
-    The two halves are the one place the residual formula is written. ``forward`` composes them
-    with one of ``flashlm.model.checkpointing``'s layer paths (whole, MLP chunked, checkpointed
-    with its levers), so that every path runs inside ``Block.__call__``: hooks on the layer, such
-    as FSDP2's unshard before its forward and reshard after, wrap whichever path runs.
+    The two halves (``attention_half``, ``mlp_half``) are the one place the residual formula is
+    written. ``forward`` composes them with one of ``flashlm.model.checkpointing``'s layer paths
+    (whole, MLP chunked, checkpointed with its levers), so that every path runs inside
+    ``Block.__call__``: hooks on the layer, such as FSDP2's unshard before its forward and
+    reshard after, wrap whichever path runs. After ``flashlm.model.compile.compile_blocks``
+    each half runs as a compiled region (``self.compiled``) wherever no op of it is taped.
     """
 
     def __init__(self, config):
@@ -368,12 +404,17 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config, feeds_matmul=True)
         self.mlp = MLP(config)
+        self.compiled = None  # flashlm.model.compile.CompiledHalves, shared by every block
 
     def attention_residual(self, x, cos, sin, backend, mask=None):
-        return x + self.attn(self.attn_norm(x), cos, sin, backend, mask)
+        if self.compiled is not None and self.compiled.runs_attention(mask):
+            return self.compiled.attention_half(self, x, cos, sin, backend, mask)
+        return attention_half(self, x, cos, sin, backend, mask)
 
     def mlp_residual(self, h):
-        return h + self.mlp(self.mlp_norm(h))
+        if self.compiled is not None and self.compiled.runs_mlp():
+            return self.compiled.mlp_half(self, h)
+        return mlp_half(self, h)
 
     def attention_parameters(self):
         """The parameters of ``attention_residual``, in a fixed order."""
@@ -426,6 +467,10 @@ class GPT(nn.Module):
             self.lm_head.weight = self.embed.weight
         self._logged_backends = set()
         self._offload_streams = {}
+        self.checkpoint_plan = None  # gradient_checkpointing="auto": set_checkpoint_plan
+        # Set by flashlm.parallel.apply_context_parallel: the inputs are then this rank's shards
+        # of sequences split over a group of ranks. The model itself never counts ranks.
+        self.context_parallel = None
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -452,7 +497,7 @@ class GPT(nn.Module):
                 logger.info("attn_backend=auto: using %s attention for %s inputs", backend, device.type)
         return backend
 
-    def forward(self, input_ids, labels=None, position_ids=None, cu_seqlens=None, max_seqlen=None):
+    def forward(self, input_ids, labels=None, position_ids=None, cu_seqlens=None, max_seqlen=None, targets=None):
         """Next-token logits and, with labels, the loss.
 
         Args:
@@ -467,6 +512,13 @@ class GPT(nn.Module):
                 ``flashlm.data`` batches carry them): attention never crosses a document
                 boundary. Every row start must be a boundary. Bad offsets raise ValueError.
             max_seqlen: optional int, the longest document (computed from cu_seqlens if None).
+            targets: instead of ``labels``, the targets already shifted: position t predicts
+                targets[t] (``IGNORE_INDEX`` for none).
+
+        Under context parallelism (``self.context_parallel``), input_ids, position_ids and
+        labels or targets are this rank's shards of the sequences (``ContextParallel.shard``),
+        while cu_seqlens describes the whole sequences; the loss is the mean over this rank's
+        targets.
 
         Returns:
             GPTOutput with logits (batch, seqlen, vocab) in the activation dtype and loss (fp32).
@@ -474,35 +526,77 @@ class GPT(nn.Module):
         """
         batch, seqlen = input_ids.shape
         device = input_ids.device
+        cp = self.context_parallel
+        full = seqlen * (cp.size if cp is not None else 1)  # the whole sequences' length
         if cu_seqlens is not None:
-            cu_seqlens = check_cu_seqlens(cu_seqlens, batch, seqlen, max_seqlen)
+            cu_seqlens = check_cu_seqlens(cu_seqlens, batch, full, max_seqlen)
         if position_ids is None and cu_seqlens is not None:
             starts = cu_seqlens[:-1].long()[document_index(cu_seqlens)]
-            position_ids = (torch.arange(batch * seqlen) - starts).view(batch, seqlen).to(device)
+            position_ids = (torch.arange(batch * full) - starts).view(batch, full).to(device)
         elif position_ids is None:
-            position_ids = torch.arange(seqlen, device=device)[None]
+            position_ids = torch.arange(full, device=device)[None]
+        if cp is not None and position_ids.shape[-1] == full != seqlen:
+            position_ids = cp.shard(position_ids)
         cos, sin = self.rope(position_ids)
         backend = self.attn_backend(device)
-        mask = build_attention_mask(backend, batch, seqlen, device, self.config.sliding_window, cu_seqlens, max_seqlen)
+        if cp is None:
+            mask = build_attention_mask(backend, batch, seqlen, device, self.config.sliding_window, cu_seqlens,
+                                        max_seqlen)
+        else:
+            window = (self.config.sliding_window - 1, 0) if self.config.sliding_window else (-1, 0)
+            mask = AttentionMask(window_size=window, cu_seqlens=cu_seqlens, context_parallel=cp)
         x = self.embed(input_ids)
         c = self.config
         checkpointing = c.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        checkpoint = self._checkpoint_options(device) if checkpointing else None
-        for layer in self.layers:
+        options = self._checkpoint_options(device) if checkpointing else [None] * c.num_hidden_layers
+        for layer, checkpoint in zip(self.layers, options):
             x = layer(x, cos, sin, backend, mask, checkpoint=checkpoint)
-        if checkpoint is not None and checkpoint.offload is not None:
-            checkpoint.offload.prefetch(c.num_hidden_layers - 1)  # the backward pass starts there
+        last = options[-1]
+        if last is not None and last.offload is not None:
+            last.offload.prefetch(last.offload.slots - 1)  # the backward pass starts there
         x = self.norm(x)
-        if labels is None:
+        if labels is None and targets is None:
             return GPTOutput(logits=self.lm_head(x))
-        loss, logits = next_token_loss(x, self.lm_head.weight, labels, c.loss_chunk_size, c.loss_impl)
+        aligned = targets is not None
+        loss, logits = next_token_loss(x, self.lm_head.weight, targets if aligned else labels, c.loss_chunk_size,
+                                       c.loss_impl, aligned=aligned)
         return GPTOutput(logits=logits, loss=loss)
 
-    def _checkpoint_options(self, device):
-        """The checkpointing levers of one forward pass: a fresh offload buffer each time."""
+    def set_checkpoint_plan(self, plan):
+        """Set the per-layer plan of ``gradient_checkpointing: auto`` (``flashlm.model.plan``):
+        a plan string ("2*offload,6*checkpoint+attention,4*none") or one ``LayerPlan`` per
+        layer. ``plan_for_training`` calls this with the plan it resolved; None unsets it."""
         c = self.config
+        if c.gradient_checkpointing != "auto":
+            raise ValueError(f"set_checkpoint_plan needs GPTConfig.gradient_checkpointing='auto', got "
+                             f"{c.gradient_checkpointing!r} (true and false fix the plan themselves)")
+        if isinstance(plan, str):
+            plan = parse_plan(plan, c.num_hidden_layers)
+        if plan is not None:
+            plan = tuple(plan)
+            if len(plan) != c.num_hidden_layers or not all(isinstance(lp, LayerPlan) for lp in plan):
+                raise ValueError(f"a checkpoint plan is one LayerPlan per layer ({c.num_hidden_layers}), got {plan!r}")
+        self.checkpoint_plan = plan
+
+    def layer_plans(self):
+        """One ``LayerPlan`` per layer for a training forward pass (``gradient_checkpointing``
+        true: every layer recomputed with the config's levers; "auto": the plan set on the model)."""
+        c = self.config
+        if c.gradient_checkpointing != "auto":
+            return config_plan(c) or (LayerPlan(),) * c.num_hidden_layers
+        if self.checkpoint_plan is None:
+            raise RuntimeError("gradient_checkpointing='auto' needs its plan before training: call "
+                               "flashlm.model.plan.plan_for_training(model, ...) at start, or "
+                               "model.set_checkpoint_plan(...)")
+        return self.checkpoint_plan
+
+    def _checkpoint_options(self, device):
+        """The ``CheckpointOptions`` of each layer for one forward pass (None: the layer runs
+        whole), with a fresh offload buffer each time."""
+        c = self.config
+        plans = self.layer_plans()
         offload = None
-        if c.checkpoint_offload:
+        if any(lp.mode == "offload" for lp in plans):
             stream = None
             if device.type == "cuda":
                 # One side stream per device for the host copies, made on first use.
@@ -511,8 +605,10 @@ class GPT(nn.Module):
                     stream = self._offload_streams[device] = torch.cuda.Stream(device)
             offload = ActivationOffload(stream)
         save_dtype = getattr(torch, c.checkpoint_dtype) if c.checkpoint_dtype else None
-        return CheckpointOptions(save_dtype=save_dtype, offload=offload, mlp_chunk_size=c.mlp_chunk_size,
-                                 keep_attention=c.checkpoint_keep_attention)
+        options = {lp: None if not lp.recomputed else CheckpointOptions(
+            save_dtype=save_dtype, offload=offload if lp.mode == "offload" else None,
+            mlp_chunk_size=c.mlp_chunk_size, keep=lp.keep) for lp in set(plans)}
+        return [options[lp] for lp in plans]
 
     def num_params(self, exclude_embeddings=False):
         """Parameter count, shared (tied) tensors once; ``exclude_embeddings`` leaves out the token

@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import resource
 import sys
 import time
@@ -39,6 +40,8 @@ import yaml
 from flashlm import data as flashlm_data
 from flashlm.hf.convert import save_pretrained
 from flashlm.model import GPT, GPTConfig
+from flashlm.model.compile import compile_blocks, compile_enabled
+from flashlm.model.plan import plan_for_training
 from flashlm.parallel import ContextParallel, apply_context_parallel
 from flashlm.parallel.fsdp import (all_finite, apply_fsdp, data_parallel_mesh, fsdp2_enabled, is_sharded,
                                    memory_report, mixed_precision_policy, prepare_sharded, unsharded_copy)
@@ -148,6 +151,10 @@ def setup(cfg: Recipe) -> Run:
         project_dir=cfg.output_dir,
     )
     set_seed(t.seed)
+    if t.deterministic and accelerator.device.type == "cuda":
+        # cuBLAS is deterministic only with a fixed workspace, read when its handle is made.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(t.deterministic)
     out = Path(cfg.output_dir)
     holder = lock_holder(out)
     if holder is not None:
@@ -190,6 +197,14 @@ def setup(cfg: Recipe) -> Run:
         apply_context_parallel(model, layout.cp.group, layout.cp.impl)
     model.to(accelerator.device)  # before the optimizer, so fused AdamW sees device parameters
     sharded = fsdp2_enabled(accelerator)
+    if model.config.gradient_checkpointing == "auto":  # which layers to recompute, for this device and batch
+        local_len = t.seq_len // layout.cp.size if layout.cp is not None else t.seq_len
+        plan = plan_for_training(model, seq_len=local_len, micro_batch_size=t.micro_batch_size,
+                                 device=accelerator.device, mixed_precision=accelerator.mixed_precision,
+                                 world_size=accelerator.num_processes, sharded=sharded)
+        accelerator.print(plan.describe())
+    if compile_enabled(model.config, accelerator.device):
+        compile_blocks(model)
     if sharded:  # the optimizer is built on the sharded parameters
         apply_fsdp(model, data_parallel_mesh(accelerator), mixed_precision_policy(accelerator.mixed_precision))
     optimizer = build_optimizer(model, cfg, fused=accelerator.device.type == "cuda")

@@ -29,6 +29,11 @@ after the warm-up one(s). Rows:
     flashlm_torch_ops  every lever, RMSNorm, RoPE and SwiGLU as PyTorch ops (fused_ops="torch")
     flashlm_nondet   flashlm_keepattn with attention_deterministic=False (the fused attention
                      backward on Hopper; dQ summed in a varying order)
+    flashlm_auto     every lever but the per-layer choices, gradient_checkpointing="auto": the
+                     planner picks, for each context, the plan with the least recomputation
+                     whose estimated peak fits --budget (GiB, or a fraction of the GPU), and the
+                     row records the plan and its predicted peak beside the measured one
+  --compile compiles the decoder blocks of every flashlm row (flashlm.model.compile).
 
 An out-of-memory is recorded and ends that row (longer contexts are skipped), as does the row
 time cap; ``--time-budget`` skips whatever would not finish in time, so a run always ends with
@@ -65,6 +70,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for pr
 from provenance import add_commit_argument, describe, environment  # noqa: E402
 
 from flashlm import GPT, GPTConfig
+from flashlm.model.compile import compile_blocks
+from flashlm.model.plan import plan_for_training
 from flashlm.profiling import LiveTensorBytes
 
 K = 1024
@@ -95,11 +102,14 @@ ROWS = {
     "flashlm_nondet": ("flashlm, all levers, attention outputs kept, non-deterministic attention backward",
                        dict(attn_backend="flash", **LEVERS, checkpoint_keep_attention=True,
                             attention_deterministic=False)),
+    "flashlm_auto": ("flashlm, levers, per-layer checkpointing planned within --budget",
+                     dict(attn_backend="flash",
+                          **{**LEVERS, "checkpoint_offload": False, "gradient_checkpointing": "auto"})),
 }
 DEFAULT_ROWS = ["flashlm", "flashlm_keepattn", "flashlm_sdpa", "flashlm_eager", "hf", "hf_liger"]
 # Run order within a preset: the headline rows first, so a tight budget cuts the others.
 ORDER = ["flashlm", "hf", "hf_liger", "flashlm_keepattn", "flashlm_sdpa", "flashlm_eager", "flashlm_plain", "flashlm_ckpt",
-         "flashlm_bf16", "flashlm_mlp", "flashlm_liger", "flashlm_torch_ops", "flashlm_nondet"]
+         "flashlm_bf16", "flashlm_mlp", "flashlm_liger", "flashlm_torch_ops", "flashlm_nondet", "flashlm_auto"]
 REFERENCE_ROW = "hf_liger"
 FIRST_GUESS = 15.0
 
@@ -125,11 +135,14 @@ def is_oom(error):
     return isinstance(error, RuntimeError) and ("out of memory" in text or "cublas_status_alloc_failed" in text)
 
 
-def model_config(preset, row, max_context):
-    """The GPTConfig of a flashlm row (None for the Hugging Face rows)."""
+def model_config(preset, row, max_context, budget=0.9):
+    """The GPTConfig of a flashlm row (None for the Hugging Face rows); ``budget`` is the
+    checkpoint_memory_budget of the rows that plan their checkpointing."""
     overrides = ROWS[row][1]
     if overrides is None:
         return None
+    if overrides.get("gradient_checkpointing") == "auto":
+        overrides = dict(overrides, checkpoint_memory_budget=budget)
     return GPTConfig.from_preset(preset, max_position_embeddings=max_context, **overrides)
 
 
@@ -160,19 +173,21 @@ def liger_patched():
                     setattr(cls, name, value)
 
 
-def build(preset, row, max_context, device):
+def build(preset, row, max_context, device, budget=0.9, compiled=False):
     """(model, loss function of (model, input_ids), patches) for a row; raises ImportError when
     a row's library is missing and ValueError when it cannot run on ``device``. ``patches`` is an
     ExitStack holding whatever the row patched (liger-kernel's changes to transformers' Llama,
     whose loss patch lives on the class and so must stay for the row's steps); close it after
-    the row."""
+    the row. ``compiled``: compile a flashlm model's decoder blocks."""
     patches = contextlib.ExitStack()
-    config = model_config(preset, row, max_context)
+    config = model_config(preset, row, max_context, budget)
     if config is not None:
         if device.type != "cuda" and (config.attn_backend == "flash" or config.loss_impl == "liger"):
             raise ValueError("needs CUDA (Triton kernels)")
         with torch.device(device):
             model = GPT(config)
+        if compiled:
+            compile_blocks(model)
         return model, lambda m, ids: m(ids, labels=ids).loss, patches
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -248,6 +263,10 @@ def measure(model, loss_fn, optimizer, context, args, device, deadline):
             torch.cuda.synchronize(device)
 
     result = {"batch": batch, "tokens_per_step": tokens}
+    if isinstance(model, GPT) and model.config.gradient_checkpointing == "auto":
+        planned = plan_for_training(model, seq_len=context, micro_batch_size=batch, device=device)
+        print(planned.describe(), flush=True)
+        result.update(plan=planned.spec, predicted_peak_gib=planned.peak_bytes / 2**30)
     sync()
     start = time.perf_counter()
     losses = [step() for _ in range(args.warmup)]
@@ -349,7 +368,7 @@ def run(args, record):
             continue
         segment_start = time.perf_counter()
         try:
-            model, loss_fn, patches = build(preset, row, max(contexts), device)
+            model, loss_fn, patches = build(preset, row, max(contexts), device, args.budget, args.compile)
         except (ImportError, ValueError) as e:
             stopped[key] = str(e).splitlines()[0][:120]
             for context in contexts:
@@ -565,6 +584,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the logic")
     p.add_argument("--cpu-memory-limit-mb", type=float, default=None,
                    help="CPU dry run: raise out-of-memory past this many MiB of live tensors")
+    p.add_argument("--budget", type=float, default=0.9,
+                   help="flashlm_auto: the memory its plan must fit, GiB above 1 or a fraction of the device")
+    p.add_argument("--compile", action="store_true", help="compile the decoder blocks of the flashlm rows")
     p.add_argument("--out", default="results/memory")
     add_commit_argument(p)
     p.add_argument("--merge", nargs="+", metavar="JSON", help="combine earlier runs' JSON files into one report")
