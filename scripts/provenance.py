@@ -101,9 +101,9 @@ def add_commit_argument(parser):
 
 def write_report(folder, stem, report, table):
     """Write ``report`` (with its ``"environment"`` block) as ``<folder>/<stem>.json`` and the
-    readable ``table`` as ``<folder>/<stem>.md``, and print the table."""
+    readable ``table`` as ``<folder>/<stem>.md``; returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stem}.json").write_text(json.dumps(report, indent=1))
     (folder / f"{stem}.md").write_text(table)
-    print(table)
+    return folder

@@ -157,6 +157,7 @@ def main(argv=None):
               "memory_fit": {p: {"fixed_gib": f, "gib_per_token": t} for p, (f, t) in fits.items()},
               "longest_context": longest}
     write_report(args.out, "context_parallel", report, markdown(report))
+    print(markdown(report))
     return 0
 
 

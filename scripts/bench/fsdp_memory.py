@@ -143,6 +143,7 @@ def main(argv=None):
     report = {"environment": environment("cuda" if args.check else "cpu", commit=args.commit),
               "seq_len": args.seq_len, "levers": LEVERS, "check": check, "rows": rows}
     write_report(args.out, "fsdp_memory", report, markdown(report))
+    print(markdown(report))
     return 0
 
 

@@ -67,7 +67,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for provenance
-from provenance import add_commit_argument, describe, environment  # noqa: E402
+from provenance import add_commit_argument, describe, environment, write_report  # noqa: E402
 
 from flashlm import GPT, GPTConfig
 from flashlm.model.compile import compile_blocks
@@ -524,9 +524,7 @@ def plot(data, path):
 
 
 def write(data, out, with_plot):
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memory_sweep.json").write_text(json.dumps(data, indent=1))
-    (out / "memory_sweep.md").write_text(markdown(data))
+    write_report(out, "memory_sweep", data, markdown(data))
     if with_plot:
         plot(data, out / "memory_sweep.png")
 

@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for provenance
-from provenance import add_commit_argument, describe, environment  # noqa: E402
+from provenance import add_commit_argument, describe, environment, write_report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 ACCEL = REPO / "recipes" / "accelerate"
@@ -531,9 +531,7 @@ def plot(data, path):
 
 def write(data, out, with_plot=False):
     derive(data["rows"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scale.json").write_text(json.dumps(data, indent=1))
-    (out / "scale.md").write_text(markdown(data))
+    write_report(out, "scale", data, markdown(data))
     if with_plot:
         plot(data, out / "scale.png")
 
