@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from flashlm.hf.convert import check_export_destination, push_to_hub, save_pretrained
+from flashlm.parallel.fsdp import all_finite
 from flashlm.training.checkpoint import load_model, source_tokenizer
 from flashlm.validation import invalid
 
@@ -56,7 +57,7 @@ def main(cfg):
     """Export ``cfg.source`` to ``cfg.output_dir`` (and push it); returns the output directory."""
     check_export_destination(cfg.output_dir, cfg.overwrite)
     model = load_model(cfg.source)
-    if not all(bool(p.isfinite().all()) for p in model.parameters()):
+    if not all_finite(model.parameters()):
         raise ValueError(f"{cfg.source} holds NaN or infinite weights; refusing to export them")
     tokenizer = cfg.tokenizer or source_tokenizer(cfg.source)
     if tokenizer is not None:

@@ -233,12 +233,17 @@ def _preview(t, limit=8):
     return str(values) if len(values) <= limit else f"[{', '.join(map(str, values[:limit]))}, ...] ({len(values)} values)"
 
 
-def build_attention_mask(backend, batch, seqlen, device, sliding_window=None, cu_seqlens=None, max_seqlen=None):
+def build_attention_mask(backend, batch, seqlen, device, sliding_window=None, cu_seqlens=None, max_seqlen=None,
+                         context_parallel=None):
     """The ``AttentionMask`` for ``backend`` ("flash", "sdpa" or "eager").
 
     ``cu_seqlens`` (validated, on the CPU) marks packed documents; ``sliding_window`` is W or None.
+    With ``context_parallel`` the sequence is split over ranks: its attention takes the window
+    and the whole sequence's ``cu_seqlens`` (kept on the CPU) whatever the backend.
     """
     window_size = (sliding_window - 1, 0) if sliding_window else (-1, 0)
+    if context_parallel is not None:
+        return AttentionMask(window_size=window_size, cu_seqlens=cu_seqlens, context_parallel=context_parallel)
     if backend == "flash":
         if cu_seqlens is None:
             return AttentionMask(window_size=window_size)
@@ -539,12 +544,8 @@ class GPT(nn.Module):
             position_ids = cp.shard(position_ids)
         cos, sin = self.rope(position_ids)
         backend = self.attn_backend(device)
-        if cp is None:
-            mask = build_attention_mask(backend, batch, seqlen, device, self.config.sliding_window, cu_seqlens,
-                                        max_seqlen)
-        else:
-            window = (self.config.sliding_window - 1, 0) if self.config.sliding_window else (-1, 0)
-            mask = AttentionMask(window_size=window, cu_seqlens=cu_seqlens, context_parallel=cp)
+        mask = build_attention_mask(backend, batch, seqlen, device, self.config.sliding_window, cu_seqlens,
+                                    max_seqlen, context_parallel=cp)
         x = self.embed(input_ids)
         c = self.config
         checkpointing = c.gradient_checkpointing and self.training and torch.is_grad_enabled()
