@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from conftest import DEVICE
 from flashlm import GPT, GPTConfig
-from flashlm.model import checkpointing
 from flashlm.model.loss import liger_linear_cross_entropy
 from flashlm.profiling import LiveTensorBytes
 

@@ -243,7 +243,6 @@ def test_sft_recipe_trains_exports_and_fine_tunes_again(tmp_path, capsys):
     the chat template and is scored by exact match; a second SFT run starts from that export."""
     from transformers import AutoTokenizer
 
-    from flashlm import GPT
     from flashlm.training.train import main
 
     lines = (REPO / "data" / "sft" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:160]

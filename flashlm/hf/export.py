@@ -11,7 +11,6 @@ or a Hugging Face Llama directory (to re-shard it, change its dtype or push it):
 import argparse
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 

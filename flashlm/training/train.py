@@ -545,8 +545,7 @@ def _check_finite(step: int, model, optimizer, checkpoints: CheckpointManager) -
 
 
 def _eval_batches(run: Run):
-    t, acc = run.cfg.training, run.accelerator
-    return flashlm_data.build_eval_loader(run.data, batch_size=t.micro_batch_size, rank=run.layout.dp_rank,
+    return flashlm_data.build_eval_loader(run.data, batch_size=run.cfg.training.micro_batch_size, rank=run.layout.dp_rank,
                                           world_size=run.layout.dp_size)
 
 

@@ -284,7 +284,6 @@ def run_row(args, s, row):
 def part4_row(args, s, row):
     """The 100m 128K ladder stage through its own recipe, overridden only where its inputs are
     missing (no 64K checkpoint: the preset; no code corpus: the repeated bundled corpus)."""
-    from flashlm.recipe import load_recipe  # noqa: F401 (the recipe must load as given)
     import yaml
 
     recipe = yaml.safe_load((REPO / "recipes" / "longctx" / "100m_128k.yaml").read_text())
@@ -385,7 +384,7 @@ def numerics_worker(args):
 
     cpu = args.cpu_dry_run
     dist.init_process_group("gloo" if cpu else "nccl")
-    rank, n = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     device = torch.device("cpu" if cpu else f"cuda:{int(os.environ['LOCAL_RANK'])}")
     if not cpu:
         torch.cuda.set_device(device)
