@@ -8,12 +8,28 @@ import importlib.util
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Modules whose spawned gloo processes and in-process references all run the kernels on the CPU
+# under the interpreter, which this process has only when it sees no GPU: on a GPU machine they
+# run in a second pytest with the GPU hidden (scripts/test_gpu.sh).
+CPU_PROCESSES = pytest.mark.skipif(
+    DEVICE == "cuda", reason="CPU multi-process test: run it with CUDA_VISIBLE_DEVICES= "
+    "(scripts/test_gpu.sh does)")
+
+
+def cpu_process_env(**extra):
+    """The environment of a training subprocess that runs on the CPU (one process or a gloo
+    group): the kernels under the interpreter, and the GPU hidden, since on a machine with one
+    GPU, ranks above 0 of a CPU launch would otherwise name a CUDA device that is not there
+    (Accelerate's barrier passes the local rank as a device id)."""
+    return dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONSAFEPATH="1", **extra)
 
 
 def load_script(name):

@@ -22,15 +22,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import CPU_PROCESSES
 from numerics import assert_no_worse_than_torch, magnitude, max_error
 from flashlm.kernels.attention import (attention_reference, flash_attn_func,
                                        flash_attn_varlen_func, varlen_attention_reference)
 from flashlm.parallel import (context_parallel_attention, shard_sequence,
                               simulate_context_parallel, unshard_sequence)
 from flashlm.parallel import schedule as sch
+from flashlm.parallel.collectives import ALL_GATHER, REDUCE_SCATTER
 from flashlm.parallel.context_parallel import IMPLS
 from flashlm.parallel.simulate import communication_bytes
 from flashlm.parallel.zigzag import shard_of, to_positions
+
+pytestmark = CPU_PROCESSES
 
 SPAWN_TIMEOUT_S = 600
 ULPS = {torch.float16: 4, torch.float32: 32}  # as test_attention: exp2 vs exp rounding in fp32
@@ -130,7 +134,7 @@ class _CountBytes:
     conventions of `communication_bytes`: P2P sends in full, an all-gather (N - 1) times its
     input, a reduce-scatter or all-to-all (N - 1) / N of its input."""
 
-    FUNCTIONS = ("batch_isend_irecv", "all_gather_single", "reduce_scatter_single",
+    FUNCTIONS = ("batch_isend_irecv", ALL_GATHER, REDUCE_SCATTER,
                  "all_to_all_single")
 
     def __init__(self, world):
@@ -140,7 +144,7 @@ class _CountBytes:
         def counted(*args, **kwargs):
             if name == "batch_isend_irecv":
                 self.sent += sum(op.tensor.nbytes for op in args[0] if op.op is dist.isend)
-            elif name == "all_gather_single":
+            elif name == ALL_GATHER:
                 self.sent += args[1].nbytes * (self.world - 1)
             else:
                 self.sent += args[1].nbytes * (self.world - 1) / self.world

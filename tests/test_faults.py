@@ -25,6 +25,7 @@ from flashlm.recipe import RecipeError
 from flashlm.training.checkpoint import CheckpointManager, load_model, verify
 from flashlm.training.rundir import RunLock
 from flashlm.training.train import DivergedError, StartError, cli, main
+from conftest import cpu_process_env
 from test_train import cache_dir, corpus, make_recipe, read_metrics, snapshot  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -271,7 +272,7 @@ def test_kill_at_a_random_step_then_resume(make_recipe):
     out = Path(full.output_dir).parent / "killed"
     rng = random.Random(int(time.time()))
     kill_at = rng.randint(2, 6)  # steps logged before the kill
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = cpu_process_env()
     proc = subprocess.Popen([sys.executable, "-m", "flashlm.training.train", str(path), "--training.steps=8",
                              "--ckpt_every=1"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

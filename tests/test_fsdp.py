@@ -33,12 +33,15 @@ import torch.multiprocessing as mp
 from accelerate import Accelerator
 from torch.distributed.tensor import DTensor
 
+from conftest import CPU_PROCESSES
 from flashlm import GPT, GPTConfig
 from flashlm.parallel.fsdp import (activation_memory, all_finite, apply_fsdp, data_parallel_mesh, fsdp2_enabled,
                                    full_state_dict, memory_report, mixed_precision_policy, prepare_sharded,
                                    unsharded_copy)
 from flashlm.training.sharded_checkpoint import (is_sharded_checkpoint, load_model_weights, load_sharded,
                                                  save_sharded)
+
+pytestmark = CPU_PROCESSES
 
 CONFIG = dict(attn_backend="sdpa")  # the debug preset, tied embeddings
 LEVERS = dict(gradient_checkpointing=True, checkpoint_dtype="bfloat16", checkpoint_offload=True, mlp_chunk_size=24,

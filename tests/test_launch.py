@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cpu_process_env
 from test_train import cache_dir, corpus, tiny_recipe  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def run(recipe_path, *overrides, config=None, name):
     out = recipe_path.parent / name
     prefix = LAUNCH + ["--config_file", str(REPO / "recipes" / "accelerate" / config)] if config else [sys.executable]
     cmd = prefix + ["-m", "flashlm.training.train", str(recipe_path), f"--output_dir={out}", *overrides]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONSAFEPATH="1")
+    env = cpu_process_env()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -143,7 +144,7 @@ def test_bad_context_parallel_configurations_fail_at_start(recipe):
     for overrides, config, message in cases:
         cmd = LAUNCH + ["--config_file", str(REPO / "recipes" / "accelerate" / config), "-m", "flashlm.training.train",
                         str(recipe), f"--output_dir={recipe.parent / 'bad'}", *overrides]
-        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONSAFEPATH="1")
+        env = cpu_process_env()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0 and message in proc.stderr, (overrides, proc.stderr[-2000:])
         assert not (recipe.parent / "bad").exists()

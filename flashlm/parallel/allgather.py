@@ -17,6 +17,7 @@ run; in the backward the reduce-scatter of group ``g`` runs during the kernels o
 import torch
 import torch.distributed as dist
 
+from flashlm.parallel.collectives import all_gather_single, reduce_scatter_single
 from flashlm.parallel.block_attention import block_backward, block_forward
 from flashlm.parallel.overlap import prefetched, wait_all
 from flashlm.parallel.zigzag import to_positions, to_rank_major
@@ -56,7 +57,7 @@ def _start_gather(k, v, heads, group):
     world = dist.get_world_size(group)
     send = torch.stack([k[:, :, heads], v[:, :, heads]], dim=2).transpose(0, 1).contiguous()
     recv = send.new_empty((world * send.shape[0], *send.shape[1:]))
-    return dist.all_gather_single(recv, send, group=group, async_op=True), recv
+    return all_gather_single(recv, send, group=group, async_op=True), recv
 
 
 def _finish_gather(gather, world):
@@ -113,7 +114,7 @@ class AllGatherAttention(torch.autograd.Function):
                                dkv_full[:, :, 1].transpose(0, 1), ctx.scale, ctx.deterministic)
             send = to_rank_major(dkv_full, world, dim=0)
             recv = send.new_empty((send.shape[0] // world, *send.shape[1:]))
-            work = dist.reduce_scatter_single(recv, send, group=group, async_op=True)
+            work = reduce_scatter_single(recv, send, group=group, async_op=True)
             scatters.append(((work, recv), kv_heads[g]))
         for scatter, heads in scatters:
             (recv,) = wait_all([scatter])

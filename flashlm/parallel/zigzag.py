@@ -15,6 +15,8 @@ import functools
 import torch
 import torch.distributed as dist
 
+from flashlm.parallel.collectives import all_gather_single
+
 
 def zigzag_chunks(rank, world_size):
     """The two chunk indices (of ``2 * world_size``) that ``rank`` holds, in local order."""
@@ -101,7 +103,7 @@ class _Unshard(torch.autograd.Function):
         world_size = dist.get_world_size(group)
         send = x_local.movedim(dim, 0).contiguous()
         gathered = send.new_empty((world_size * send.shape[0], *send.shape[1:]))
-        dist.all_gather_single(gathered, send, group=group)
+        all_gather_single(gathered, send, group=group)
         return to_positions(gathered, world_size, dim=0).movedim(0, dim)
 
     @staticmethod

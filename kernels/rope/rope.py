@@ -99,7 +99,9 @@ def _rope(q, k, cos, sin, inverse, empty=torch.empty):
     block_half = triton.next_power_of_2(head_dim // 2)
     block_hq = min(triton.next_power_of_2(heads_q), max(TILE // block_half, 1))
     block_hk = min(triton.next_power_of_2(max(heads_k, 1)), block_hq)
-    block_t = min(max(TILE // (block_hq * block_half), 1), triton.next_power_of_2(n_tokens))
+    # Not capped by the token count: the launch's meta-parameters then depend on the head shape
+    # alone, so a compiled graph with a dynamic sequence length traces them as constants.
+    block_t = max(TILE // (block_hq * block_half), 1)
     with device_ctx(q):
         _rope_kernel[(triton.cdiv(n_tokens, block_t),)](
             q, k, q_out, k_out, cos, sin, n_tokens, seqlen, heads_q, heads_k,

@@ -10,6 +10,8 @@
 - ``num_warps``, ``sm_count``, ``loop_programs``: launch sizes.
 - ``LOG2E``, ``FLOAT_DTYPES``: the constants the kernels share.
 
+Importing it also mends one interpreter bug of older Triton (`_mend_old_interpreter`).
+
 The kernels are imported as ``flashlm.kernels.<op>`` and nothing else: this module refuses to
 load under another name (e.g. ``kernels.utils`` with the repository root on ``sys.path``), since
 a second copy of the ops would register the ``flashlm::`` torch custom ops a second time.
@@ -17,14 +19,41 @@ a second copy of the ops would register the ``flashlm::`` torch custom ops a sec
 
 import contextlib
 import functools
+import os
 
 import torch
+import triton
 
 if __name__ != "flashlm.kernels.utils":
     raise ImportError(f"flashlm's kernels must be imported as flashlm.kernels.<op>, not as "
                       f"{__name__.rsplit('.', 1)[0]}.<op>: a second copy would register the "
                       "flashlm:: torch ops twice. Install flashlm (pip install -e .) and import "
                       "flashlm.kernels")
+
+
+
+def _mend_old_interpreter():
+    """Triton before 3.9 interprets a scalar (a program id, a loop bound) as a one-element
+    array and converts it to a Python int with ``int(array)``, which numpy 2.4 refuses for
+    arrays that are not 0-d: every ``range(lo, hi, BLOCK)`` over computed bounds then fails.
+    Under the interpreter on such a Triton, the conversion squeezes the array first, as newer
+    Triton does. Compiled kernels are not touched."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 9):
+        return
+    import triton.runtime.interpreter as interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patch_with_squeeze(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_with_squeeze
+
+
+_mend_old_interpreter()
 
 # exp(x) = exp2(x * LOG2E): the kernels fold it into the softmax scale and use exp2.
 LOG2E = 1.4426950408889634

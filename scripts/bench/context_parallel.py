@@ -96,6 +96,19 @@ def memory_model(path):
     return fits
 
 
+def cell(row):
+    return row["seqlen"], row["layout"], row["world_size"], row["impl"]
+
+
+def merge_rows(earlier, new):
+    """The rows of both runs, one per cell (the newer where both measured it), in table order."""
+    by_cell = {cell(r): r for r in earlier}
+    by_cell.update((cell(r), r) for r in new)
+    order = {"ring": 0, "allgather": 1, "ulysses": 2}
+    return sorted(by_cell.values(), key=lambda r: (r["seqlen"], r["layout"] != "dense", r["world_size"],
+                                                    order[r["impl"]]))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[131072, 524288, 1048576])
@@ -110,6 +123,9 @@ def main(argv=None):
     parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU for the longest-context table")
     parser.add_argument("--time-budget", type=float, default=480.0, help="seconds; later cells are skipped")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--merge", type=Path, default=None,
+                        help="an earlier report (context_parallel.json): its rows for cells not measured "
+                             "here are kept, so several runs build one table")
     add_commit_argument(parser)
     args = parser.parse_args(argv)
 
@@ -159,10 +175,14 @@ def main(argv=None):
         del q, k, v, dout
         torch.cuda.empty_cache()
 
+    env = environment("cuda", commit=args.commit)
+    for row in rows:
+        row["gpu"] = env["gpu"]
+    rows = merge_rows(json.loads(args.merge.read_text())["rows"] if args.merge else [], rows)
     fits = memory_model(REPO / "results" / "memory" / "memory_sweep.json")
     longest = {preset: {n: int(max(0.0, (args.gpu_gib - fixed) / per_token) * n) for n in (1, 2, 4, 8)}
                for preset, (fixed, per_token) in fits.items()}
-    report = {"environment": environment("cuda", commit=args.commit), "shape": {"heads": HEADS, "kv_heads": KV_HEADS,
+    report = {"environment": env, "shape": {"heads": HEADS, "kv_heads": KV_HEADS,
               "head_dim": HEAD_DIM, "dtype": "bfloat16", "causal": True}, "link_gbs": args.link_gbs,
               "gpu_gib": args.gpu_gib, "doc_mean": args.doc_mean, "rows": rows,
               "memory_fit": {p: {"fixed_gib": f, "gib_per_token": t} for p, (f, t) in fits.items()},
@@ -182,6 +202,11 @@ def markdown(report):
              "overlaps (a ring step, or a whole layer for allgather and ulysses).", "",
              "| S | N | method | layout | efficiency | balance | slowest rank (ms) | unsplit (ms) | "
              "MiB sent fwd / bwd | transfer vs compute (ms) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    gpus = sorted({r["gpu"] for r in report["rows"]})
+    if len(gpus) > 1:
+        lines[1:1] = ["", "Rows measured on several cards: " + "; ".join(
+            f"{g}: " + ", ".join(f"{s // 1024}K" for s in sorted({r["seqlen"] for r in report["rows"] if r["gpu"] == g}))
+            for g in gpus) + "."]
     for r in report["rows"]:
         lines.append(
             f"| {r['seqlen'] // 1024}K | {r['world_size']} | {r['impl']} | {r['layout']} | **{r['efficiency']:.3f}** | "

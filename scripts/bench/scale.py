@@ -115,8 +115,8 @@ def base_recipe(args, s, out, preset, seq_len, steps, batch=1, levers=None, docs
 
 def child_env(args):
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", PYTHONSAFEPATH="1", PYTHONPATH=str(REPO))
-    if args.cpu_dry_run:
-        env["TRITON_INTERPRET"] = "1"
+    if args.cpu_dry_run:  # the interpreter, and no GPU: ranks above 0 must not look for CUDA device 1
+        env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     return env
 
 
