@@ -112,10 +112,10 @@ def _timed(fn, warmup, repeats, cuda):
     return sorted(times)[len(times) // 2], result
 
 
-def _ring_rank(rank, n, q, k, v, dout, steps, scale, det, with_backward):
-    """Rank ``rank``'s ring work on shards of the full tensors: forward and backward closures."""
+def _ring_rank(rank, n, q, shards, dout, steps, scale, det, with_backward):
+    """Rank ``rank``'s ring work on shards of the full tensors: forward and backward closures.
+    ``shards``: every rank's stacked K/V shard, shared by all the simulated ranks."""
     ql, dol = shard_of(q, rank, n), shard_of(dout, rank, n)
-    shards = [torch.stack([shard_of(k, r, n), shard_of(v, r, n)]) for r in range(n)]
     state = {}
 
     def forward():
@@ -217,21 +217,28 @@ def simulate_context_parallel(q, k, v, world_size, impl, causal=True, window_siz
     if impl == "ring":
         schedule = sch.ring_schedule(n, seqlen, docs, lo, hi)
         hops = len(schedule[0]) - 1
-        ranks = [_ring_rank(r, n, q, k, v, dout, schedule[r], scale, deterministic, backward)
-                 for r in range(n)]
+        shards = [torch.stack([shard_of(k, r, n), shard_of(v, r, n)]) for r in range(n)]
+
+        def make(r):
+            return _ring_rank(r, n, q, shards, dout, schedule[r], scale, deterministic, backward)
         calls = [sum(len(b) for b in steps) for steps in schedule]
     elif impl == "allgather":
         schedule = sch.allgather_schedule(n, seqlen, docs, lo, hi)
-        ranks = [_allgather_rank(r, n, q, k, v, dout, schedule[r], scale, deterministic,
-                                 backward) for r in range(n)]
+
+        def make(r):
+            return _allgather_rank(r, n, q, k, v, dout, schedule[r], scale, deterministic, backward)
         calls = [len(b) for b in schedule]
     else:
         block = sch.whole_sequence_block(seqlen, docs, causal, opts.window)
-        ranks = [_ulysses_rank(r, n, q, k, v, dout, block, scale, deterministic, backward)
-                 for r in range(n)]
+
+        def make(r):
+            return _ulysses_rank(r, n, q, k, v, dout, block, scale, deterministic, backward)
         calls = [1] * n
     forward_s, backward_s, outs, grads = [], [], [], []
-    for forward, backward_fn in ranks:
+    # One rank's closures (its shards, saved output, gradient buffers) at a time: at 1M tokens
+    # all N ranks' copies at once do not fit in 80 GB.
+    for r in range(n):
+        forward, backward_fn = make(r)
         seconds, out = _timed(forward, warmup, repeats, q.is_cuda)
         forward_s.append(seconds)
         if assemble:
@@ -241,7 +248,8 @@ def simulate_context_parallel(q, k, v, world_size, impl, causal=True, window_siz
             backward_s.append(seconds)
             if assemble:
                 grads.append(grad)
-        del out
+            del grad
+        del out, forward, backward_fn
     out, lse, dq, dk, dv = _assemble(impl, n, outs, grads, q, k) if assemble else (None,) * 5
     sent = communication_bytes(impl, n, batch, seqlen, nheads, k.shape[2], head_dim,
                                q.element_size(), ring_hops=hops)
