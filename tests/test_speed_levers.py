@@ -219,24 +219,27 @@ def test_compile_is_off_by_default_and_auto_means_cuda_only():
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flash"])
-def test_compiled_blocks_match_eager_without_graph_breaks_or_per_length_recompiles(backend, fresh_dynamo):
+def test_compiled_blocks_match_eager_without_graph_breaks_or_per_length_recompiles(backend, fresh_dynamo, capfd):
     """Both halves compile whole (fullgraph, so a graph break would raise) on the plain and the
     checkpointed paths; the flash kernel is a custom op in the graph. The gradients equal eager's
-    bit for bit, and new sequence lengths reuse the graphs compiled for the first one. The lengths
-    are multiples of 16, as the ladder's are: Triton specializes a kernel's integer arguments on
-    divisibility by 16, so on CUDA, where the fused kernels are in the graph, Dynamo guards on it
-    and a length of the other kind compiles once more."""
+    bit for bit, and new sequence lengths (multiples of 16, as the ladder's are) reuse the graphs
+    compiled for the first one. A failure lists Dynamo's reasons for each recompile."""
     counter = CompileCounterWithBackend("aot_eager")
     overrides = dict(attn_backend=backend, **AUTO)
     plan = "checkpoint,offload,2*none"
     compiled, eager = build(overrides, plan), build(overrides, plan)
     compile_blocks(compiled, backend=counter)
     frames = []
-    for seqlen in (16, 32, 48) if backend == "sdpa" else (16, 32):
-        ids = ids_of(seqlen)
-        assert_same(step(compiled, ids), step(eager, ids))
-        frames.append(counter.frame_count)
-    assert frames[0] > 0 and len(set(frames)) == 1, frames
+    torch._logging.set_logs(recompiles=True)
+    try:
+        for seqlen in (16, 32, 48) if backend == "sdpa" else (16, 32):
+            ids = ids_of(seqlen)
+            assert_same(step(compiled, ids), step(eager, ids))
+            frames.append(counter.frame_count)
+    finally:
+        torch._logging.set_logs()
+    reasons = [line for line in capfd.readouterr().err.splitlines() if "__recompiles" in line]
+    assert frames[0] > 0 and len(set(frames)) == 1, (frames, "\n".join(reasons))
     assert not counters["graph_break"]
     uncompile_blocks(compiled)
     assert all(block.compiled is None for block in compiled.layers)
