@@ -21,6 +21,7 @@ live in the recipe, and the resolved recipe is saved with every run and checkpoi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -80,6 +81,9 @@ class DataConfig:
     # Training documents shorter than this many tokens (EOS included) are left out; the held-out
     # split keeps them. A long-context stage sets its seq_len, so a block is mostly one document.
     min_doc_tokens: int = 0
+    # The share of training blocks given a synthetic long-range retrieval (flashlm.data.retrieval):
+    # facts at random depths in a document and a question about one of them at its end.
+    retrieval_share: float = 0.0
 
     def __post_init__(self):
         _check(bool(self.path), "data.path", self.path, "must name a file, folder, glob or hub dataset")
@@ -99,6 +103,9 @@ class DataConfig:
         _check(self.min_doc_tokens >= 0, "data.min_doc_tokens", self.min_doc_tokens, "must be >= 0")
         _check(self.min_doc_tokens == 0 or (self.kind == "text" and not self.streaming), "data.min_doc_tokens",
                self.min_doc_tokens, "applies to kind: text without streaming only")
+        _check(0.0 <= self.retrieval_share <= 1.0, "data.retrieval_share", self.retrieval_share, "must be in [0, 1]")
+        _check(self.retrieval_share == 0 or (self.kind == "text" and not self.streaming), "data.retrieval_share",
+               self.retrieval_share, "applies to kind: text without streaming only")
         if self.kind == "text":
             _check(not self.truncation, "data.truncation", self.truncation, "applies to kind: sft only")
             _check(self.chat_template is None, "data.chat_template", self.chat_template, "applies to kind: sft only")
@@ -321,14 +328,25 @@ RUN_CONTROL_KEYS = (
 
 def trajectory_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two resolved recipes (``Recipe.to_dict``),
-    leaving out ``RUN_CONTROL_KEYS``: a non-empty answer means the two are different runs."""
-    flat_a, flat_b = _flatten(a), _flatten(b)
+    leaving out ``RUN_CONTROL_KEYS``: a non-empty answer means the two are different runs.
+    Each is resolved again first, so a field that a recipe saved by an older flashlm lacks
+    counts as its default (a field added since, left at its default, changes nothing)."""
+    flat_a, flat_b = _flatten(_with_defaults(a)), _flatten(_with_defaults(b))
     keys = sorted(set(flat_a) | set(flat_b))
     return [
         k for k in keys
         if flat_a.get(k) != flat_b.get(k)
         and not any(k == c or k.startswith(c + ".") for c in RUN_CONTROL_KEYS)
     ]
+
+
+def _with_defaults(recipe: dict[str, Any]) -> dict[str, Any]:
+    """``recipe`` with every field of this version's ``Recipe``; as it is when it no longer
+    validates (a field since removed or renamed: then it differs where it differs)."""
+    try:
+        return recipe_from_dict(copy.deepcopy(recipe)).to_dict()
+    except (ConfigError, TypeError):
+        return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -11,6 +11,7 @@ import collections
 import json
 import math
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -294,6 +295,47 @@ def test_cache_reuse_and_invalidation(tok, tmp_path, monkeypatch):
     assert calls == [1, 1] and not third.from_cache and third.cache_entry != first.cache_entry
 
 
+# --- synthetic retrieval --------------------------------------------------------------------
+
+
+def test_retrieval_is_planted_in_one_document_of_a_share_of_training_blocks(tok, tmp_path):
+    """Planted blocks differ from the plain packing only there; each holds, inside its longest
+    segment, a question at the segment's end whose answer is a fact stated earlier in it. The
+    held-out split and the other blocks are untouched, and the same seed plants the same."""
+    path = write_jsonl(tmp_path / "c.jsonl", make_docs(seed=4, n=60, max_words=400))
+    plain = prepare_data(config(path, tmp_path, eval_docs=5), tok, seq_len=512)
+    mixed = prepare_data(config(path, tmp_path, eval_docs=5, retrieval_share=0.5), tok, seq_len=512)
+    again = prepare_data(config(path, tmp_path, eval_docs=5, retrieval_share=0.5), tok, seq_len=512)
+    assert np.array_equal(mixed.train.blocks, again.train.blocks)
+    assert np.array_equal(mixed.eval.blocks, plain.eval.blocks)
+    assert np.array_equal(mixed.train.starts, plain.train.starts)
+    changed = [r for r in range(len(plain.train)) if not np.array_equal(mixed.train.blocks[r], plain.train.blocks[r])]
+    n = len(plain.train)
+    assert 0 < len(changed) == mixed.train.retrieval_blocks <= round(0.5 * n)
+    assert mixed.train.retrieval_blocks >= round(0.5 * n) // 2  # most blocks have room
+    assert f"{len(changed)} with a synthetic retrieval" in mixed.summary()
+    for r in changed:
+        starts = mixed.train.starts[r]
+        edges = list(np.flatnonzero(starts | (np.arange(512) == 0))) + [512]
+        lo, hi = max(zip(edges, edges[1:]), key=lambda e: e[1] - e[0])
+        segment = tok.decode(mixed.train.blocks[r, lo:hi].tolist())
+        question = re.search(r'\nassert _fact_([a-z0-9]{5}) == "([0-9a-f]{6})"\n$', segment)
+        assert question, segment[-80:]
+        name, value = question.groups()
+        assert not value.isdigit()  # the evaluation's values are decimal numbers
+        facts = re.findall(r'\n_fact_([a-z0-9]{5}) = "([0-9a-f]{6})"\n', segment)
+        assert 1 <= len(facts) <= 4 and (name, value) in facts and len({f[0] for f in facts}) == len(facts)
+        # outside the longest segment, nothing changed
+        outside = np.ones(512, bool)
+        outside[lo:hi] = False
+        assert np.array_equal(mixed.train.blocks[r][outside], plain.train.blocks[r][outside])
+
+
+def test_retrieval_share_is_for_plain_text_only(tmp_path):
+    with pytest.raises(RecipeError, match="data.retrieval_share=0.1 is invalid: applies to kind: text"):
+        DataConfig(path="x", tokenizer="y", streaming=True, eval_docs=1, retrieval_share=0.1)
+
+
 # --- sources --------------------------------------------------------------------------
 
 
@@ -479,7 +521,8 @@ def test_text_that_is_not_utf8_names_the_file(tok, tmp_path):
 
 @pytest.mark.parametrize(
     "field,value",
-    [("eval_fraction", 1.5), ("eval_docs", -1), ("format", "csv"), ("sample_by", "word"), ("num_proc", 0)],
+    [("eval_fraction", 1.5), ("eval_docs", -1), ("format", "csv"), ("sample_by", "word"), ("num_proc", 0),
+     ("retrieval_share", 1.5)],
 )
 def test_config_errors_name_field_and_value(field, value):
     with pytest.raises(RecipeError, match=f"data.{field}={value!r} is invalid"):

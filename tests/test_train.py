@@ -5,6 +5,7 @@ Runs use a tiny model (2 layers, hidden 64) on a slice of the bundled corpus at 
 so each takes a few seconds; the tokenized slice is cached once for the whole module.
 """
 
+import copy
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from flashlm.recipe import RecipeError, ScheduleConfig, load_recipe, recipe_from_dict
+from flashlm.recipe import RecipeError, ScheduleConfig, load_recipe, recipe_from_dict, trajectory_diff
 from flashlm.training.checkpoint import CheckpointManager, load_model
 from flashlm.training.optim import lr_at
 from flashlm.training.train import StartError, main
@@ -324,6 +325,23 @@ def test_overrides_are_coerced(make_recipe):
     assert cfg.logging.trackers == ["tensorboard", "wandb"] and cfg.training.eval_batches is None
     assert cfg.model.overrides["tie_word_embeddings"] is False and cfg.resume is True
     assert recipe_from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_recipe_saved_before_a_field_existed_resumes(make_recipe):
+    """A checkpoint's recipe written by an older flashlm lacks the fields added since: each
+    counts as its default, so only a non-default value (or a field since removed) differs."""
+    cfg, _ = make_recipe()
+    now = cfg.to_dict()
+    older = copy.deepcopy(now)
+    del older["data"]["retrieval_share"]
+    assert trajectory_diff(older, now) == []
+    mixed = copy.deepcopy(now)
+    mixed["data"]["retrieval_share"] = 0.2
+    assert trajectory_diff(older, mixed) == ["data.retrieval_share"]
+    removed = copy.deepcopy(now)
+    removed["data"]["gone_field"] = 1
+    assert trajectory_diff(removed, now) == ["data.gone_field"]
+    assert trajectory_diff(now, dict(now, training=dict(now["training"], steps=99))) == []  # run control
 
 
 # ---------------------------------------------------------------------------------------

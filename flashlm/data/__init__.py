@@ -27,7 +27,8 @@ folder or glob; or a hub dataset name with ``format="hub"``), ``tokenizer`` (tok
 ``eval_docs`` (held-out documents, chosen before packing), ``streaming``, ``shuffle_buffer``
 (streaming only, in blocks), ``cache_dir`` (None turns the token cache off), ``seed``,
 ``num_proc``, ``hub_config``, ``hub_split``, ``min_doc_tokens`` (training documents shorter than
-this are left out: long-context stages). ``kind="sft"`` reads instruction examples
+this are left out: long-context stages), ``retrieval_share`` (the share of training blocks given
+a synthetic long-range retrieval: ``flashlm.data.retrieval``). ``kind="sft"`` reads instruction examples
 instead of documents (``flashlm.data.chat``, with its own ``truncation`` and ``chat_template``).
 
 Batches and their keys: ``flashlm.data.packing``.

@@ -39,6 +39,7 @@ import torch
 
 from flashlm.data.chat import Example, fit_to_context, load_examples, tokenize_record
 from flashlm.data.documents import TokenizedDocs, load_or_tokenize
+from flashlm.data.retrieval import plant_retrieval
 from flashlm.data.sources import DataError, open_dataset, resolve_files
 from flashlm.data.tokenizer import TOKENIZE_BATCH, token_dtype, tokenize_fn
 from flashlm.model.loss import IGNORE_INDEX
@@ -58,6 +59,7 @@ class PackedSplit:
     n_docs: int
     n_tokens: int  # tokens of the split's documents, the dropped tail included
     labels: np.ndarray | None = None  # (n_blocks, seq_len) int32, -100 where there is no loss
+    retrieval_blocks: int = 0  # blocks given a synthetic retrieval (flashlm.data.retrieval)
 
     def __len__(self):
         return len(self.blocks)
@@ -133,8 +135,10 @@ class PackedData:
         ev = self.eval
         held = f"{ev.n_docs} eval docs -> {len(ev)} blocks" if ev is not None else "no eval split"
         cache = f"cache {'hit' if self.from_cache else 'written'}: {self.cache_entry}" if self.cache_entry else "no cache"
+        planted = (f" ({self.train.retrieval_blocks} with a synthetic retrieval)"
+                   if self.train.retrieval_blocks else "")
         return (f"data {self.config.path}: {self.train.n_docs} train docs, {self.train.n_tokens:,} tokens -> "
-                f"{len(self.train)} blocks of {self.seq_len}; {held}; {cache}")
+                f"{len(self.train)} blocks of {self.seq_len}{planted}; {held}; {cache}")
 
 
 @dataclass
@@ -213,6 +217,7 @@ def prepare_data(cfg: DataConfig, tokenizer, seq_len: int):
     if cfg.min_doc_tokens:
         train_order = train_order[np.diff(docs.offsets)[train_order] >= cfg.min_doc_tokens]
     train = pack(docs, train_order, seq_len)
+    train.retrieval_blocks = plant_retrieval(train.blocks, train.starts, tokenizer, cfg.retrieval_share, cfg.seed)
     if len(train) == 0:
         long_only = f" in documents of at least min_doc_tokens={cfg.min_doc_tokens}" if cfg.min_doc_tokens else ""
         raise DataError(f"path={cfg.path!r}: the training split holds {train.n_tokens} tokens{long_only}, "

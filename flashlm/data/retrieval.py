@@ -1,0 +1,96 @@
+"""Synthetic long-range retrieval planted into packed training blocks (``data.retrieval_share``).
+
+A long-context stage learns to use its context only if something in the data needs it. In a
+seeded share of the training blocks this writes, inside the block's longest segment (one
+document, so document masking never hides the fact from its question), one to four facts at
+random depths and, at the segment's end, a question about one of them followed by its answer::
+
+    ..._fact_q7k2x = "3fa90c"...          (anywhere in the segment, overwriting its tokens)
+    ...assert _fact_q7k2x == "3fa90c"     (the segment's last tokens)
+
+The format is Python-like, matching the code corpus, and unlike the evaluation's prompts in
+everything but the task: English sentences there, assignments here; decimal numbers there,
+hexadecimal strings with a letter here; names from a word list there, random letters and digits here. So the
+evaluation measures retrieval the model learned, not the template it memorized.
+
+Planting happens after packing and touches the training split only; the held-out split is never
+changed. The same seed plants the same facts in the same blocks.
+"""
+
+from __future__ import annotations
+
+import string
+
+import numpy as np
+
+FACT = '\n_fact_{name} = "{value}"\n'
+QUESTION = "\nassert _fact_{name} == \""
+ANSWER = '{value}"\n'
+MAX_FACTS = 4
+_NAME_CHARS = string.ascii_lowercase + string.digits
+
+
+def longest_segment(starts: np.ndarray) -> tuple[int, int]:
+    """(start, end) columns of the longest segment of a block whose segment starts are ``starts``."""
+    edges = np.append(np.flatnonzero(starts | (np.arange(len(starts)) == 0)), len(starts))
+    i = int(np.argmax(np.diff(edges)))
+    return int(edges[i]), int(edges[i + 1])
+
+
+def _fact_texts(rng: np.random.Generator, n_facts: int) -> tuple[list[str], str]:
+    """(the facts, the question with its answer) for ``n_facts`` distinct names; the question
+    asks for the first."""
+    names: list[str] = []
+    while len(names) < n_facts:
+        name = "".join(rng.choice(list(_NAME_CHARS), 5))
+        if name not in names:
+            names.append(name)
+    values = []
+    while len(values) < n_facts:  # never all decimal digits, as the evaluation's numbers are
+        value = "".join(rng.choice(list("0123456789abcdef"), 6))
+        if not value.isdigit():
+            values.append(value)
+    facts = [FACT.format(name=n, value=v) for n, v in zip(names, values)]
+    return facts, QUESTION.format(name=names[0]) + ANSWER.format(value=values[0])
+
+
+def plant_retrieval(blocks: np.ndarray, starts: np.ndarray, tokenizer, share: float, seed: int) -> int:
+    """Plant facts and a question (see the module docstring) in ``round(share * len(blocks))``
+    seeded blocks, in place. Returns the number of blocks planted; a block whose longest
+    segment cannot hold its facts and question with room to spare is skipped."""
+    if share <= 0 or len(blocks) == 0:
+        return 0
+    rng = np.random.default_rng([seed, 7])
+    chosen = rng.choice(len(blocks), size=round(share * len(blocks)), replace=False)
+
+    def encode(text):
+        return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=blocks.dtype)
+
+    planted = 0
+    for row in np.sort(chosen):
+        facts, question = _fact_texts(rng, int(rng.integers(1, MAX_FACTS + 1)))
+        fact_ids, question_ids = [encode(f) for f in facts], encode(question)
+        lo, hi = longest_segment(starts[row])
+        room = hi - lo - len(question_ids)
+        if room < 2 * sum(len(f) for f in fact_ids):
+            continue
+        blocks[row, hi - len(question_ids):hi] = question_ids
+        # Facts at distinct, non-overlapping places in the segment before the question.
+        for i, ids in enumerate(_spread(rng, room, [len(f) for f in fact_ids])):
+            blocks[row, lo + ids:lo + ids + len(fact_ids[i])] = fact_ids[i]
+        planted += 1
+    return planted
+
+
+def _spread(rng: np.random.Generator, room: int, lengths: list[int]) -> list[int]:
+    """Random, non-overlapping offsets in ``[0, room)`` for spans of ``lengths``, in the given
+    order of spans (so the asked-for fact is at any depth relative to the others)."""
+    free = room - sum(lengths)
+    cuts = np.sort(rng.integers(0, free + 1, size=len(lengths)))
+    order = rng.permutation(len(lengths))
+    offsets = [0] * len(lengths)
+    used = 0
+    for cut, i in zip(cuts, order):
+        offsets[i] = int(cut) + used
+        used += lengths[i]
+    return offsets
