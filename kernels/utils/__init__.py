@@ -44,7 +44,9 @@ def _mend_old_interpreter():
         return
     import triton.runtime.interpreter as interpreter
 
-    patch = interpreter._patch_lang_tensor
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None:  # an interpreter laid out otherwise: leave it as it is
+        return
 
     def patch_with_squeeze(tensor, scope):
         patch(tensor, scope)
