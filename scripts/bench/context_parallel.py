@@ -109,6 +109,22 @@ def merge_rows(earlier, new):
                                                     order[r["impl"]]))
 
 
+def write(args, env, rows):
+    """Write the report of ``rows`` (merged with ``--merge``'s) to ``args.out``; returns it."""
+    rows = [{**row, "gpu": env["gpu"]} for row in rows]
+    rows = merge_rows(json.loads(args.merge.read_text())["rows"] if args.merge else [], rows)
+    fits = memory_model(REPO / "results" / "memory" / "memory_sweep.json")
+    longest = {preset: {n: int(max(0.0, (args.gpu_gib - fixed) / per_token) * n) for n in (1, 2, 4, 8)}
+               for preset, (fixed, per_token) in fits.items()}
+    report = {"environment": env, "shape": {"heads": HEADS, "kv_heads": KV_HEADS,
+              "head_dim": HEAD_DIM, "dtype": "bfloat16", "causal": True}, "link_gbs": args.link_gbs,
+              "gpu_gib": args.gpu_gib, "doc_mean": args.doc_mean, "rows": rows,
+              "memory_fit": {p: {"fixed_gib": f, "gib_per_token": t} for p, (f, t) in fits.items()},
+              "longest_context": longest}
+    write_report(args.out, "context_parallel", report, markdown(report))
+    return report
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[131072, 524288, 1048576])
@@ -130,6 +146,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
+    env = environment("cuda", commit=args.commit)
     torch.manual_seed(0)
     rows = []
     for seqlen in args.lengths:
@@ -168,6 +185,7 @@ def main(argv=None):
                                (comm["forward"] + comm["backward"]) / (2 * hops) if impl == "ring"
                                else comm["forward"] + comm["backward"]}
                     rows.append(row)
+                    write(args, env, rows)  # a run stopped early keeps what it measured
                     print(f"S={seqlen // 1024}K N={n} {impl:9s} {layout:6s} efficiency {row['efficiency']:.3f} "
                           f"(balance {row['balance']:.3f}), slowest rank {slowest * 1e3:.1f} ms vs unsplit "
                           f"{base * 1e3:.1f} ms; sends {(row['bytes_forward'] + row['bytes_backward']) / 2**20:.0f} MiB "
@@ -175,19 +193,7 @@ def main(argv=None):
         del q, k, v, dout
         torch.cuda.empty_cache()
 
-    env = environment("cuda", commit=args.commit)
-    for row in rows:
-        row["gpu"] = env["gpu"]
-    rows = merge_rows(json.loads(args.merge.read_text())["rows"] if args.merge else [], rows)
-    fits = memory_model(REPO / "results" / "memory" / "memory_sweep.json")
-    longest = {preset: {n: int(max(0.0, (args.gpu_gib - fixed) / per_token) * n) for n in (1, 2, 4, 8)}
-               for preset, (fixed, per_token) in fits.items()}
-    report = {"environment": env, "shape": {"heads": HEADS, "kv_heads": KV_HEADS,
-              "head_dim": HEAD_DIM, "dtype": "bfloat16", "causal": True}, "link_gbs": args.link_gbs,
-              "gpu_gib": args.gpu_gib, "doc_mean": args.doc_mean, "rows": rows,
-              "memory_fit": {p: {"fixed_gib": f, "gib_per_token": t} for p, (f, t) in fits.items()},
-              "longest_context": longest}
-    write_report(args.out, "context_parallel", report, markdown(report))
+    report = write(args, env, rows)
     print(markdown(report))
     return 0
 
