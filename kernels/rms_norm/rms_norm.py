@@ -119,8 +119,12 @@ def _rms_norm_bwd(dy, x, weight, rstd, empty=torch.empty):
         return dx, torch.zeros_like(weight)
     block_r, block = _blocks(hidden)
     n_blocks = triton.cdiv(rows, block_r)
-    blocks_per_program = triton.cdiv(n_blocks, min(n_blocks, loop_programs(x.device)))
-    programs = triton.cdiv(n_blocks, blocks_per_program)
+    # A fixed number of programs, whatever the row count (those past the last block write zero
+    # partial sums): the partial buffer's shape then does not depend on the sequence length,
+    # so torch.compile with a dynamic length has no size of it to guard on (a guard there
+    # recompiled the compiled blocks once per new length on CUDA).
+    programs = loop_programs(x.device)
+    blocks_per_program = triton.cdiv(n_blocks, programs)
     partial = empty((programs, hidden), dtype=torch.float32, device=x.device)
     with device_ctx(x):
         _rms_norm_bwd_kernel[(programs,)](
