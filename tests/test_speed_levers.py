@@ -10,12 +10,16 @@ break the graph or recompile per sequence length; Inductor on CUDA is checked ag
 with a tolerance.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
-from conftest import DEVICE
+from conftest import DEVICE, cpu_process_env
 from flashlm import GPT, GPTConfig
 from flashlm.model import checkpointing
 from flashlm.model.compile import compile_blocks, compile_enabled, uncompile_blocks
@@ -243,6 +247,24 @@ def test_compiled_blocks_match_eager_without_graph_breaks_or_per_length_recompil
     assert not counters["graph_break"]
     uncompile_blocks(compiled)
     assert all(block.compiled is None for block in compiled.layers)
+
+
+def test_fused_kernel_launches_add_no_per_length_guards():
+    """The test above traces PyTorch's ops on a CPU. On CUDA Dynamo also traces the fused Triton
+    kernels' launches, whose host code (grids, buffer sizes) can add guards on the length: that
+    once recompiled the blocks for every new length on the GPU alone. tests/dynamo_fused_probe.py
+    traces those launches on the CPU (the interpreter runs them): new lengths reuse the graphs
+    of the first."""
+    env = {k: v for k, v in cpu_process_env().items() if k != "TRITON_INTERPRET"}
+    probe = Path(__file__).with_name("dynamo_fused_probe.py")
+    result = subprocess.run([sys.executable, str(probe), "16", "32", "48"], env=env, capture_output=True,
+                            text=True, timeout=900)
+    if result.returncode == 3:
+        pytest.skip(result.stdout.strip())
+    assert result.returncode == 0, result.stderr[-4000:]
+    frames = [int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("frames ")]
+    reasons = [line for line in result.stderr.splitlines() if "__recompiles" in line]
+    assert len(frames) == 3 and frames[0] > 0 and len(set(frames)) == 1, (frames, "\n".join(reasons))
 
 
 def test_taped_halves_run_eagerly(fresh_dynamo, monkeypatch):
