@@ -256,6 +256,24 @@ def test_memory_sweep_dry_run_records_oom_and_skips_longer_contexts(tmp_path):
     assert (out / "memory_sweep.png").stat().st_size > 0
 
 
+def test_memory_sweep_budget_is_a_number_or_a_reference_rows_peak():
+    """--budget takes GiB, a fraction, or a Hugging Face row; with a row, each context's plan
+    must fit that row's measured peak there, and contexts it has no peak for keep 0.9 of the
+    device."""
+    import argparse
+    sweep = load_script("bench/memory_sweep")
+    assert sweep.parse_args(["--budget", "17.3"]).budget == 17.3
+    assert sweep.parse_args(["--budget", "hf_liger"]).budget == "hf_liger"
+    for bad in ("flashlm_auto", "0", "-2", "lots"):
+        with pytest.raises(argparse.ArgumentTypeError, match="hf_liger"):
+            sweep.budget_arg(bad)
+    peaks = {("1b", "hf_liger", 4096): 17.5}
+    assert sweep.reference_budget_bytes("hf_liger", peaks, "1b", 4096) == int(17.5 * 2**30)
+    assert sweep.reference_budget_bytes("hf_liger", peaks, "1b", 8192) is None
+    assert sweep.reference_budget_bytes(17.3, peaks, "1b", 4096) is None
+    assert sweep.numeric_budget("hf_liger") == 0.9 and sweep.numeric_budget(17.3) == 17.3
+
+
 def test_memory_sweep_undoes_liger_patches(monkeypatch):
     """The plain HF row must not run liger's kernels: whatever apply_liger_kernel_to_llama
     patches in transformers' Llama module (module names, class methods) is restored."""

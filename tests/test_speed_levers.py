@@ -204,6 +204,19 @@ def test_plan_for_training_sets_and_describes_the_plan():
     assert text.startswith("activation checkpointing plan: 4*none") and "budget of 4.00 GiB" in text
 
 
+def test_plan_for_training_takes_a_budget_in_bytes_over_the_config():
+    """``budget_bytes`` replaces the config's budget: a budget below what the whole model needs
+    recomputes layers that 4 GiB keeps, and the plan records the budget it was made for."""
+    model = build(dict(gradient_checkpointing="auto", checkpoint_memory_budget=4.0, attn_backend="sdpa"))
+    roomy = plan_for_training(model, seq_len=64, micro_batch_size=2, device="cpu", mixed_precision="no")
+    tight_bytes = roomy.state_bytes + (roomy.peak_bytes - roomy.state_bytes) // 2
+    tight = plan_for_training(model, seq_len=64, micro_batch_size=2, device="cpu", mixed_precision="no",
+                              budget_bytes=tight_bytes)
+    assert tight.budget_bytes == tight_bytes and roomy.budget_bytes == 4 * GIB
+    assert tight.recompute > roomy.recompute == 0 and tight.peak_bytes < roomy.peak_bytes
+    assert model.checkpoint_plan == tight.layers
+
+
 # --- regional compile -------------------------------------------------------------------------
 
 @pytest.fixture

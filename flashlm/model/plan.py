@@ -496,7 +496,7 @@ _MIXED_PRECISION_BYTES = {"bf16": (2, 4), "fp16": (2, 4), "no": (4, 4)}
 
 
 def plan_for_training(model, *, seq_len: int, micro_batch_size: int, device, mixed_precision: str = "bf16",
-                      world_size: int = 1, sharded: bool = False) -> CheckpointPlan:
+                      world_size: int = 1, sharded: bool = False, budget_bytes: int | None = None) -> CheckpointPlan:
     """Resolve ``gradient_checkpointing: auto`` for a training run and set the plan on ``model``.
 
     Args:
@@ -506,6 +506,8 @@ def plan_for_training(model, *, seq_len: int, micro_batch_size: int, device, mix
         mixed_precision: Accelerate's "bf16", "fp16" or "no".
         world_size, sharded: processes, and whether FSDP2 shards the weights, gradients and
             optimizer state over them (then the layers also compute in the compute dtype).
+        budget_bytes: the memory the plan must fit, in place of the config's
+            ``checkpoint_memory_budget`` (the memory sweep matches another run's peak with it).
 
     Returns:
         The ``CheckpointPlan`` now set on the model; ``describe()`` is the text to log.
@@ -518,8 +520,10 @@ def plan_for_training(model, *, seq_len: int, micro_batch_size: int, device, mix
     backend = model.attn_backend(device)
     fused = config.fused_ops == "triton" or (config.fused_ops == "auto" and device.type == "cuda")
     state = training_state_bytes(config, world_size if sharded else 1)
-    plan = plan_checkpointing(config, seq_len, micro_batch_size, memory_budget_bytes(config.checkpoint_memory_budget,
-                              device), compute, residual_bytes=residual, backend=backend, fused=fused,
-                              device_type=device.type, allow_offload=device.type == "cuda", state_bytes=state)
+    if budget_bytes is None:
+        budget_bytes = memory_budget_bytes(config.checkpoint_memory_budget, device)
+    plan = plan_checkpointing(config, seq_len, micro_batch_size, budget_bytes, compute, residual_bytes=residual,
+                              backend=backend, fused=fused, device_type=device.type,
+                              allow_offload=device.type == "cuda", state_bytes=state)
     model.set_checkpoint_plan(plan.layers)
     return plan

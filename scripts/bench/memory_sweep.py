@@ -20,6 +20,7 @@ after the warm-up one(s). Rows:
     hf               transformers LlamaForCausalLM, SDPA + gradient checkpointing
     hf_liger         the same with liger-kernel (apply_liger_kernel_to_llama: fused linear
                      cross-entropy, RMSNorm, RoPE, SwiGLU)
+    hf_liger_nockpt  HF + liger-kernel without gradient checkpointing (faster where it fits)
   lever ladder (opt in with --rows):
     flashlm_plain    flash attention, no levers (full logits, no checkpointing)
     flashlm_ckpt     + chunked loss + checkpointing (fp32 inputs)
@@ -31,8 +32,9 @@ after the warm-up one(s). Rows:
                      backward on Hopper; dQ summed in a varying order)
     flashlm_auto     every lever but the per-layer choices, gradient_checkpointing="auto": the
                      planner picks, for each context, the plan with the least recomputation
-                     whose estimated peak fits --budget (GiB, or a fraction of the GPU), and the
-                     row records the plan and its predicted peak beside the measured one
+                     whose estimated peak fits --budget (GiB, or a fraction of the GPU, or the
+                     name of a Hugging Face row: that row's measured peak at the same context),
+                     and the row records the plan and its predicted peak beside the measured one
   --compile compiles the decoder blocks of every flashlm row (flashlm.model.compile).
 
 An out-of-memory is recorded and ends that row (longer contexts are skipped), as does the row
@@ -88,6 +90,7 @@ ROWS = {
     "flashlm_eager": ("flashlm, all levers, eager attention", dict(attn_backend="eager", **LEVERS)),
     "hf": ("HF Llama, SDPA + gradient checkpointing", None),
     "hf_liger": ("HF Llama + liger-kernel, SDPA + gradient checkpointing", None),
+    "hf_liger_nockpt": ("HF Llama + liger-kernel, SDPA, no gradient checkpointing", None),
     "flashlm_plain": ("flashlm, no levers", dict(attn_backend="flash")),
     "flashlm_ckpt": ("flashlm, chunked loss + checkpointing",
                      dict(attn_backend="flash", loss_chunk_size=2048, gradient_checkpointing=True)),
@@ -108,7 +111,7 @@ ROWS = {
 }
 DEFAULT_ROWS = ["flashlm", "flashlm_keepattn", "flashlm_sdpa", "flashlm_eager", "hf", "hf_liger"]
 # Run order within a preset: the headline rows first, so a tight budget cuts the others.
-ORDER = ["flashlm", "hf", "hf_liger", "flashlm_keepattn", "flashlm_sdpa", "flashlm_eager", "flashlm_plain", "flashlm_ckpt",
+ORDER = ["flashlm", "hf", "hf_liger", "hf_liger_nockpt", "flashlm_keepattn", "flashlm_sdpa", "flashlm_eager", "flashlm_plain", "flashlm_ckpt",
          "flashlm_bf16", "flashlm_mlp", "flashlm_liger", "flashlm_torch_ops", "flashlm_nondet", "flashlm_auto"]
 REFERENCE_ROW = "hf_liger"
 FIRST_GUESS = 15.0
@@ -173,6 +176,22 @@ def liger_patched():
                     setattr(cls, name, value)
 
 
+def numeric_budget(budget):
+    """``--budget`` as a GPTConfig.checkpoint_memory_budget: a number as given; a reference
+    row's name becomes 0.9 of the device, which each context then replaces with the row's
+    measured peak (`reference_budget_bytes`)."""
+    return budget if isinstance(budget, float) else 0.9
+
+
+def reference_budget_bytes(budget, peaks, preset, context):
+    """The memory an auto plan must fit at ``context`` when ``--budget`` names a row: that row's
+    measured peak there, in bytes; None when --budget is a number or the row has no peak there
+    (out of memory, skipped), which leaves the config's budget."""
+    if isinstance(budget, float) or (preset, budget, context) not in peaks:
+        return None
+    return int(peaks[(preset, budget, context)] * 2**30)
+
+
 def build(preset, row, max_context, device, budget=0.9, compiled=False):
     """(model, loss function of (model, input_ids), patches) for a row; raises ImportError when
     a row's library is missing and ValueError when it cannot run on ``device``. ``patches`` is an
@@ -180,7 +199,7 @@ def build(preset, row, max_context, device, budget=0.9, compiled=False):
     whose loss patch lives on the class and so must stay for the row's steps); close it after
     the row. ``compiled``: compile a flashlm model's decoder blocks."""
     patches = contextlib.ExitStack()
-    config = model_config(preset, row, max_context, budget)
+    config = model_config(preset, row, max_context, numeric_budget(budget))
     if config is not None:
         if device.type != "cuda" and (config.attn_backend == "flash" or config.loss_impl == "liger"):
             raise ValueError("needs CUDA (Triton kernels)")
@@ -195,13 +214,14 @@ def build(preset, row, max_context, device, budget=0.9, compiled=False):
 
     values = to_hf_config(GPTConfig.from_preset(preset, max_position_embeddings=max_context))
     hf_config = LlamaConfig.from_dict({**values, "use_cache": False}, attn_implementation="sdpa")
-    if row == "hf_liger":
+    if row in ("hf_liger", "hf_liger_nockpt"):
         if device.type != "cuda":
             raise ValueError("needs CUDA (Triton kernels)")
         patches.enter_context(liger_patched())
     with torch.device(device):
         model = LlamaForCausalLM(hf_config)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if row != "hf_liger_nockpt":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, lambda m, ids: m(input_ids=ids, labels=ids, use_cache=False).loss, patches
 
 
@@ -238,8 +258,9 @@ class Meter:
                 self.peak = max(self.peak or 0, baseline + live.peak)
 
 
-def measure(model, loss_fn, optimizer, context, args, device, deadline):
-    """Warm-up and timed training steps at one context; returns the measurement's fields."""
+def measure(model, loss_fn, optimizer, context, args, device, deadline, budget_bytes=None):
+    """Warm-up and timed training steps at one context; returns the measurement's fields.
+    ``budget_bytes``: the memory an auto plan must fit (default: the config's budget)."""
     batch = max(1, args.tokens_per_step // context)
     tokens = batch * context
     gen = torch.Generator(device=device).manual_seed(context)
@@ -264,9 +285,11 @@ def measure(model, loss_fn, optimizer, context, args, device, deadline):
 
     result = {"batch": batch, "tokens_per_step": tokens}
     if isinstance(model, GPT) and model.config.gradient_checkpointing == "auto":
-        planned = plan_for_training(model, seq_len=context, micro_batch_size=batch, device=device)
+        planned = plan_for_training(model, seq_len=context, micro_batch_size=batch, device=device,
+                                    budget_bytes=budget_bytes)
         print(planned.describe(), flush=True)
-        result.update(plan=planned.spec, predicted_peak_gib=planned.peak_bytes / 2**30)
+        result.update(plan=planned.spec, predicted_peak_gib=planned.peak_bytes / 2**30,
+                      budget_gib=planned.budget_bytes / 2**30)
     sync()
     start = time.perf_counter()
     losses = [step() for _ in range(args.warmup)]
@@ -347,6 +370,7 @@ def run(args, record):
     stopped = {}  # (preset, row) -> why its longer contexts are skipped
     row_seconds = {}  # (preset, row) -> seconds spent measuring it
     history = {}  # (preset, row) -> (seconds, context) of its last measurement
+    peaks = {}  # (preset, row, context) -> measured peak GiB, for --budget ROW
 
     def out_of_time(key, context):
         """Why ``context`` is not started for ``key`` (None: it is)."""
@@ -387,7 +411,9 @@ def run(args, record):
             now = time.perf_counter()
             failure = None
             try:
-                fields = measure(model, loss_fn, optimizer, context, args, device, deadline)
+                fields = measure(model, loss_fn, optimizer, context, args, device, deadline,
+                                 reference_budget_bytes(args.budget, peaks, preset, context))
+                peaks[(preset, row, context)] = fields["peak_gib"]
             except Exception as e:  # noqa: BLE001 - one row's failure must not end the sweep
                 status = "oom" if is_oom(e) else "error"
                 failure = status, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
@@ -560,6 +586,20 @@ def main(args):
     return data
 
 
+def budget_arg(text):
+    """``--budget``: a positive number, or the name of a Hugging Face row."""
+    if text in ROWS and ROWS[text][1] is None:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        hf_rows = ", ".join(r for r in ROWS if ROWS[r][1] is None)
+        raise argparse.ArgumentTypeError(f"{text!r}: expected GiB above 1, a fraction in (0, 1], or one of {hf_rows}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", nargs="+", default=["100m"], help="model presets, run in this order")
@@ -582,8 +622,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the logic")
     p.add_argument("--cpu-memory-limit-mb", type=float, default=None,
                    help="CPU dry run: raise out-of-memory past this many MiB of live tensors")
-    p.add_argument("--budget", type=float, default=0.9,
-                   help="flashlm_auto: the memory its plan must fit, GiB above 1 or a fraction of the device")
+    p.add_argument("--budget", type=budget_arg, default=0.9,
+                   help="flashlm_auto: the memory its plan must fit, GiB above 1 or a fraction of the device, "
+                        "or a Hugging Face row (e.g. hf_liger): its measured peak at each context")
     p.add_argument("--compile", action="store_true", help="compile the decoder blocks of the flashlm rows")
     p.add_argument("--out", default="results/memory")
     add_commit_argument(p)
