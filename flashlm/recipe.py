@@ -211,14 +211,23 @@ class ParallelConfig:
     ``flashlm.parallel``): each holds ``seq_len / context_parallel_size`` of its tokens, and
     attention runs over the whole sequence with ``context_parallel_impl`` ("ring", "allgather"
     or "ulysses"). The data-parallel size is the number of processes divided by it.
+    ``context_parallel_balance`` says how a sequence is cut into the processes' shards:
+    "zigzag" (chunks ``r`` and ``2N - 1 - r``: equal causal work for one document), or
+    "documents" (ring and allgather: chunks handed out by their work under the packed
+    documents' masks, so that short documents do not leave ranks idle).
     """
 
     context_parallel_size: int = 1
     context_parallel_impl: Literal["ring", "allgather", "ulysses"] = "ring"
+    context_parallel_balance: Literal["zigzag", "documents"] = "zigzag"
 
     def __post_init__(self):
         _check(self.context_parallel_size >= 1, "parallel.context_parallel_size", self.context_parallel_size,
                "must be >= 1")
+        _check(self.context_parallel_balance == "zigzag" or self.context_parallel_impl != "ulysses",
+               "parallel.context_parallel_balance", self.context_parallel_balance,
+               "must be 'zigzag' with context_parallel_impl='ulysses' (it balances by heads); 'documents' "
+               "needs ring or allgather")
 
 
 TRACKERS = ("wandb", "tensorboard")

@@ -32,7 +32,8 @@ from flashlm.parallel import schedule as sch
 from flashlm.parallel.collectives import ALL_GATHER, REDUCE_SCATTER
 from flashlm.parallel.context_parallel import IMPLS
 from flashlm.parallel.simulate import communication_bytes
-from flashlm.parallel.zigzag import shard_of, to_positions
+from flashlm.parallel.zigzag import (Layout, document_layout, layout_work, shard_of, to_positions,
+                                     zigzag_layout)
 
 pytestmark = CPU_PROCESSES
 
@@ -61,9 +62,16 @@ class Case:
     impls: tuple = IMPLS
     lse_grad: bool = False
     seed: int = 0
+    balance: str = "zigzag"
 
     def length(self, world):
         return self.seqlen if self.seqlen is not None else 2 * world * self.chunk
+
+    def layout(self, world):
+        """The shards' layout: the zigzag, or `document_layout` of the case's documents."""
+        if self.balance == "zigzag":
+            return zigzag_layout(world)
+        return document_layout(self.length(world), world, tuple(self.cu_seqlens(world).tolist()))
 
     def cu_seqlens(self, world):
         if self.doc_lengths is None:
@@ -107,7 +115,17 @@ LOCAL_DOCS = Case(name="causal-chunk-aligned-docs", doc_lengths=(12,), impls=("r
 # replicated there, so its fp32 sum of dK/dV replicas is exercised).
 DRIFT = [Case(name=f"drift-{dtype}", nheads=4, nheads_k=2, seqlen=64, dtype=dtype,
               doc_lengths=(25, 5, 34), seed=2) for dtype in ("float32", "float16")]
-WORLD_CASES = {1: DRIFT, 2: CASES + [LOCAL_DOCS] + DRIFT, 4: CASES + [LOCAL_DOCS] + DRIFT,
+# Ring and allgather on the layout that balances packed documents (`document_layout`): chunks of
+# 4 or 8 per rank, in an order that is not the zigzag's; causal, a window, and full attention.
+BALANCED = [
+    Case(name="balanced-causal-docs", chunk=16, doc_lengths=(3, 5, 40, 2, 7), balance="documents",
+         impls=("ring", "allgather")),
+    Case(name="balanced-window-docs", chunk=16, window=(9, 0), doc_lengths=(29, 2, 4, 6), balance="documents",
+         impls=("ring", "allgather"), lse_grad=True),
+    Case(name="balanced-full-docs-d128", chunk=16, causal=False, head_dim=128, doc_lengths=(1, 6, 33, 3),
+         balance="documents", impls=("ring", "allgather"), seed=3),
+]
+WORLD_CASES = {1: DRIFT, 2: CASES + [LOCAL_DOCS] + DRIFT + BALANCED, 4: CASES + [LOCAL_DOCS] + DRIFT + BALANCED,
                8: DRIFT}
 
 
@@ -169,17 +187,18 @@ def _runs(case, impl, world):
 
 def _run_case(case, impl, group, world):
     q, k, v, dout, dlse = case.inputs(world)
-    local = [shard_sequence(t, group).requires_grad_() for t in (q, k, v)]
+    layout = case.layout(world)
+    local = [shard_sequence(t, group, layout=layout).requires_grad_() for t in (q, k, v)]
     with _CountBytes(world) as fwd:
         out, lse = context_parallel_attention(
             *local, group, impl=impl, causal=case.causal, window_size=case.window,
-            cu_seqlens=case.cu_seqlens(world), return_lse=True)
-    loss = (out.float() * shard_sequence(dout, group).float()).sum()
+            cu_seqlens=case.cu_seqlens(world), return_lse=True, layout=layout)
+    loss = (out.float() * shard_sequence(dout, group, layout=layout).float()).sum()
     if dlse is not None:
-        loss = loss + (lse * shard_sequence(dlse, group, dim=2)).sum()
+        loss = loss + (lse * shard_sequence(dlse, group, dim=2, layout=layout)).sum()
     with _CountBytes(world) as bwd:
         loss.backward()
-    gathered = unshard_sequence(out.detach(), group)
+    gathered = unshard_sequence(out.detach(), group, layout=layout)
     return dict(out=out.detach(), lse=lse.detach(), dq=local[0].grad, dk=local[1].grad,
                 dv=local[2].grad, bytes=(fwd.sent, bwd.sent), unsharded=gathered)
 
@@ -245,14 +264,14 @@ def runs(tmp_path_factory):
     return get
 
 
-def _full(per_rank, key, world, dim):
+def _full(per_rank, key, layout, dim):
     """A result key of every rank laid out in position order along ``dim``."""
-    return to_positions(torch.cat([r[key] for r in per_rank], dim=dim), world, dim=dim)
+    return to_positions(torch.cat([r[key] for r in per_rank], dim=dim), layout, dim=dim)
 
 
 def _cp_result(ranks, case, impl, world):
     per_rank = [r["results"][(case.name, impl)] for r in ranks]
-    got = [_full(per_rank, name, world, 2 if name == "lse" else 1) for name in NAMES]
+    got = [_full(per_rank, name, case.layout(world), 2 if name == "lse" else 1) for name in NAMES]
     return got, per_rank
 
 
@@ -308,6 +327,20 @@ def test_matches_single_process(runs, world, case, impl):
     got, per_rank = _cp_result(runs(world), case, impl, world)
     _check(case, got, world)
     for r in per_rank:  # unshard_sequence gives every rank the full output
+        assert torch.equal(r["unsharded"], got[0])
+
+
+@pytest.mark.parametrize("impl", ["ring", "allgather"])
+@pytest.mark.parametrize("case", BALANCED, ids=lambda c: c.name)
+@pytest.mark.parametrize("world", [2, 4])
+def test_document_layout_matches_single_process(runs, world, case, impl):
+    """Shards cut by `document_layout` (not the zigzag's chunks): the same results as one
+    process; `unshard_sequence` with the layout restores the position order."""
+    layout = case.layout(world)
+    assert layout != zigzag_layout(world) and layout.nchunks > 2 * world
+    got, per_rank = _cp_result(runs(world), case, impl, world)
+    _check(case, got, world)
+    for r in per_rank:
         assert torch.equal(r["unsharded"], got[0])
 
 
@@ -415,34 +448,80 @@ def _plan_configs():
                         yield world, seqlen, docs, causal, window
 
 
+def _check_plans(layout, seqlen, docs, causal, window):
+    """The ring's calls (over all steps) and the all-gather's calls of every rank visit each
+    (query, key) pair the full mask allows exactly once and nothing else."""
+    lo, hi = sch.band(causal, window)
+    ring = sch.ring_schedule(layout, seqlen, docs, lo, hi)
+    gather = sch.allgather_schedule(layout, seqlen, docs, lo, hi)
+    world = layout.world_size if isinstance(layout, Layout) else layout
+    for rank in range(world):
+        qpos = _positions(sch.zigzag_pieces(rank, layout, seqlen))
+        want = {(p, s) for p in qpos for s in range(seqlen) if _visible(p, s, docs, lo, hi)}
+        got = []
+        for step, blocks in enumerate(ring[rank]):
+            kpos = _positions(sch.zigzag_pieces((rank - step) % world, layout, seqlen))
+            for blk in blocks:
+                assert min(blk.window) >= -1
+                got += [(qpos[i], kpos[j]) for i, j in blk.pairs()]
+        assert len(got) == len(set(got)) and set(got) == want, (layout, docs, causal, window)
+        got = [(qpos[i], j) for blk in gather[rank] for i, j in blk.pairs()]
+        assert len(got) == len(set(got)) and set(got) == want, (layout, docs, causal, window)
+        rows = [i for blk in gather[rank] for i in range(blk.q0, blk.q1)]
+        assert len(rows) == len(set(rows))
+
+
 def test_plans_cover_each_visible_pair_exactly_once():
-    """For every rank, the ring's calls (over all steps) and the all-gather's calls visit each
-    (query, key) pair the full mask allows exactly once and nothing else; windows are what the
-    kernel accepts; the all-gather computes each query row in one call."""
+    """For every rank, the ring's and the all-gather's calls visit each visible pair exactly
+    once; windows are what the kernel accepts; the all-gather computes each query row in one
+    call; the unsplit problem's one call covers the mask."""
     count = 0
     for world, seqlen, docs, causal, window in _plan_configs():
+        _check_plans(world, seqlen, docs, causal, window)
         lo, hi = sch.band(causal, window)
-        ring = sch.ring_schedule(world, seqlen, docs, lo, hi)
-        gather = sch.allgather_schedule(world, seqlen, docs, lo, hi)
-        for rank in range(world):
-            qpos = _positions(sch.zigzag_pieces(rank, world, seqlen))
-            want = {(p, s) for p in qpos for s in range(seqlen) if _visible(p, s, docs, lo, hi)}
-            got = []
-            for step, blocks in enumerate(ring[rank]):
-                kpos = _positions(sch.zigzag_pieces((rank - step) % world, world, seqlen))
-                for blk in blocks:
-                    assert min(blk.window) >= -1
-                    got += [(qpos[i], kpos[j]) for i, j in blk.pairs()]
-            assert len(got) == len(set(got)) and set(got) == want, (world, docs, causal, window)
-            got = [(qpos[i], j) for blk in gather[rank] for i, j in blk.pairs()]
-            assert len(got) == len(set(got)) and set(got) == want, (world, docs, causal, window)
-            rows = [i for blk in gather[rank] for i in range(blk.q0, blk.q1)]
-            assert len(rows) == len(set(rows))
         whole = sch.whole_sequence_block(seqlen, docs, causal, window)
         assert set(whole.pairs()) == {(p, s) for p in range(seqlen) for s in range(seqlen)
                                       if _visible(p, s, docs, lo, hi)}
         count += 1
     assert count == 840
+
+
+def test_document_layout_plans_cover_each_visible_pair_exactly_once():
+    """The same on layouts `document_layout` makes: 4 to 16 chunks per rank in any order."""
+    rng = random.Random(1)
+    layouts = set()
+    for world in (2, 3, 4):
+        seqlen = 16 * world * 2
+        for ndocs in (3, 6, 12):
+            docs = tuple([0] + sorted(rng.sample(range(1, seqlen), k=ndocs)) + [seqlen])
+            layout = document_layout(seqlen, world, docs)
+            layouts.add(layout.nchunks // world)
+            for causal in (True, False):
+                for window in ((-1, -1), (5, -1), (3, 2)):
+                    _check_plans(layout, seqlen, docs, causal, window)
+    assert layouts - {2}, layouts  # finer cuts than the zigzag's were planned
+
+
+def test_document_layout_balances_packed_documents():
+    """Short packed documents: the zigzag leaves ranks with a third of the busiest one's causal
+    work; `document_layout` brings every rank within 5% of it. Each chunk is held once, every
+    rank holds as many, in position order. One document keeps the zigzag."""
+    rng = random.Random(0)
+    for seqlen, world, mean in ((4096, 8, 128), (4096, 8, 256), (1024, 4, 64)):
+        cuts = [0]
+        while cuts[-1] < seqlen:
+            cuts.append(min(seqlen, cuts[-1] + max(1, int(rng.expovariate(1 / mean)))))
+        docs = tuple(cuts)
+        layout = document_layout(seqlen, world, docs)
+        held = sorted(c for chunks in layout.chunks for c in chunks)
+        assert held == list(range(layout.nchunks))
+        assert len({len(c) for c in layout.chunks}) == 1 and all(list(c) == sorted(c) for c in layout.chunks)
+        zig, balanced = layout_work(world, seqlen, docs), layout_work(layout, seqlen, docs)
+        assert sum(zig) == sum(balanced) == sum((b - a) * (b - a + 1) // 2 for a, b in zip(docs, docs[1:]))
+        assert min(zig) / max(zig) < 0.5 and min(balanced) / max(balanced) >= 0.95, (zig, balanced)
+    assert document_layout(64, 4, (0, 64)) == zigzag_layout(4)
+    with pytest.raises(ValueError, match="not divisible by 2 \\* world_size = 8"):
+        document_layout(20, 4, (0, 5, 20))
 
 
 def test_ring_plan_skips_what_the_mask_empties():
@@ -498,6 +577,20 @@ def test_simulation_bookkeeping(impl):
     else:
         assert sim.calls == [1] * world
     assert sim.bytes == communication_bytes(impl, world, 1, seqlen, 4, 2, 64, 4, ring_hops=hops)
+
+
+@pytest.mark.parametrize("impl", ["ring", "allgather"])
+def test_simulation_on_a_document_layout(impl):
+    """The simulation on `document_layout`'s shards: the full attention, laid back in order."""
+    case = BALANCED[0]
+    world = 4
+    q, k, v, dout, _ = case.inputs(world)
+    layout = case.layout(world)
+    sim = simulate_context_parallel(q, k, v, world, impl, cu_seqlens=case.cu_seqlens(world), dout=dout,
+                                    warmup=0, repeats=1, layout=layout)
+    _check(case, [sim.out, sim.lse, sim.dq, sim.dk, sim.dv], world)
+    with pytest.raises(ValueError, match="ulysses.*zigzag layout only"):
+        simulate_context_parallel(q, k, v, world, "ulysses", layout=layout)
 
 
 def test_communication_formulas():

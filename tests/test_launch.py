@@ -72,6 +72,14 @@ def test_context_parallel_ring_with_documents_tracks_one_process_and_resumes(rec
     assert "(1 data-parallel x 2 context-parallel, ring)" in out
     assert_same_curve(one, cp)
     assert_same_curve(one_eval, cp_eval)
+    # Shards cut by the documents' work (most rows here get a layout other than the zigzag).
+    assert boundaries["rebalanced"] > boundaries["rows"] // 2, boundaries
+    balanced, balanced_eval, out = run(recipe, "--document_mask=true", "--parallel.context_parallel_size=2",
+                                       "--parallel.context_parallel_balance=documents", config="cpu_2proc.yaml",
+                                       name="balanced")
+    assert "(1 data-parallel x 2 context-parallel, ring, documents balance)" in out
+    assert_same_curve(one, balanced)
+    assert_same_curve(one_eval, balanced_eval)
     run(recipe, "--document_mask=true", "--parallel.context_parallel_size=2", "--ckpt_every=2",
         "--stop_at_step=2", config="cpu_2proc.yaml", name="cut")
     resumed, _, _ = run(recipe, "--document_mask=true", "--parallel.context_parallel_size=2", "--ckpt_every=2",
@@ -151,10 +159,12 @@ def test_bad_context_parallel_configurations_fail_at_start(recipe):
 
 
 def _inner_boundaries(recipe_path):
-    """How many documents of the training rows start inside a row, and how many span the middle
+    """How many documents of the training rows start inside a row, how many span the middle
     of their row (the boundary between the two zigzag shards of 2 ranks sits at S / 4 and 3S / 4
-    in position order, the chunk edges at multiples of S / 4)."""
+    in position order, the chunk edges at multiples of S / 4), and how many rows the documents
+    balance of 2 ranks cuts otherwise than the zigzag."""
     from flashlm.data import load_tokenizer, prepare_data
+    from flashlm.parallel.zigzag import document_layout, zigzag_layout
     from flashlm.recipe import load_recipe
 
     cfg = load_recipe(recipe_path, ["--output_dir=/nonexistent"])
@@ -162,4 +172,8 @@ def _inner_boundaries(recipe_path):
     starts = data.train.starts[:, 1:]
     edges = [cfg.training.seq_len // 4 * k for k in (1, 2, 3)]
     crossing = sum(1 for row in data.train.starts for e in edges if not row[e])
-    return {"inside": int(starts.sum()), "crossing": crossing}
+    seq_len = cfg.training.seq_len
+    layouts = [document_layout(seq_len, 2, (0, *(int(i) for i in row.nonzero()[0] if i > 0), seq_len))
+               for row in data.train.starts]
+    rebalanced = sum(layout != zigzag_layout(2) for layout in layouts)
+    return {"inside": int(starts.sum()), "crossing": crossing, "rows": len(layouts), "rebalanced": rebalanced}

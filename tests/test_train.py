@@ -297,8 +297,11 @@ def test_tokenizer_larger_than_vocab(make_recipe):
         (["--schedule.kind=linear"], r"schedule.kind='linear' is invalid: expected one of 'cosine', 'wsd', 'constant'"),
         (["--seed=1"], r"--seed is ambiguous; write one of --data.seed, --training.seed"),
         (["--training.steps=1"], r"schedule.warmup_steps=2 is invalid: must not exceed training.steps=1"),
+        (["--parallel.context_parallel_impl=ulysses", "--parallel.context_parallel_balance=documents"],
+         r"parallel.context_parallel_balance='documents' is invalid: must be 'zigzag' with context_parallel_impl="),
     ],
-    ids=["misspelled-key", "misspelled-section", "model-field", "bad-float", "bad-choice", "ambiguous", "cross-field"],
+    ids=["misspelled-key", "misspelled-section", "model-field", "bad-float", "bad-choice", "ambiguous", "cross-field",
+         "cp-balance"],
 )
 def test_recipe_errors(make_recipe, overrides, message):
     with pytest.raises(RecipeError, match=message):

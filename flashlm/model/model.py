@@ -541,7 +541,7 @@ class GPT(nn.Module):
         elif position_ids is None:
             position_ids = torch.arange(full, device=device)[None]
         if cp is not None and position_ids.shape[-1] == full != seqlen:
-            position_ids = cp.shard(position_ids)
+            position_ids = cp.shard(position_ids, cu_seqlens=cu_seqlens)
         cos, sin = self.rope(position_ids)
         backend = self.attn_backend(device)
         mask = build_attention_mask(backend, batch, seqlen, device, self.config.sliding_window, cu_seqlens,

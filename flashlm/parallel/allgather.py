@@ -60,33 +60,32 @@ def _start_gather(k, v, heads, group):
     return all_gather_single(recv, send, group=group, async_op=True), recv
 
 
-def _finish_gather(gather, world):
+def _finish_gather(gather, layout):
     """K and V (batch, S, heads, dim) of the whole sequence in position order (strided views of
-    one buffer), once the gather has arrived."""
+    one buffer), once the gather has arrived; ``layout``: the shards' `zigzag.Layout`."""
     (recv,) = wait_all([gather])
-    full = to_positions(recv, world, dim=0)
+    full = to_positions(recv, layout, dim=0)
     return full[:, :, 0].transpose(0, 1), full[:, :, 1].transpose(0, 1)
 
 
 class AllGatherAttention(torch.autograd.Function):
-    """``apply(q, k, v, group, blocks, scale, deterministic, chunks) -> (out, lse)``;
-    ``blocks`` is this rank's entry of `schedule.allgather_schedule`."""
+    """``apply(q, k, v, group, blocks, scale, deterministic, chunks, layout) -> (out, lse)``;
+    ``blocks`` is this rank's entry of `schedule.allgather_schedule` for the shards' ``layout``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, blocks, scale, deterministic, chunks):
-        world = dist.get_world_size(group)
+    def forward(ctx, q, k, v, group, blocks, scale, deterministic, chunks, layout):
         out = torch.zeros_like(q)
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("inf"),
                          dtype=torch.float32, device=q.device)
         kv_heads, q_heads = head_groups(k.shape[2], chunks), head_groups(q.shape[2], chunks)
         for g, gather in prefetched(lambda g: _start_gather(k, v, kv_heads[g], group), chunks):
-            k_full, v_full = _finish_gather(gather, world)
+            k_full, v_full = _finish_gather(gather, layout)
             heads = q_heads[g]
             allgather_forward(q[:, :, heads], k_full, v_full, blocks, out[:, :, heads],
                               lse[:, heads], scale, deterministic)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.blocks, ctx.scale = group, blocks, scale
-        ctx.deterministic, ctx.chunks = deterministic, chunks
+        ctx.deterministic, ctx.chunks, ctx.layout = deterministic, chunks, layout
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -102,7 +101,7 @@ class AllGatherAttention(torch.autograd.Function):
         kv_heads, q_heads = head_groups(k.shape[2], chunks), head_groups(q.shape[2], chunks)
         scatters = []
         for g, gather in prefetched(lambda g: _start_gather(k, v, kv_heads[g], group), chunks):
-            k_full, v_full = _finish_gather(gather, world)
+            k_full, v_full = _finish_gather(gather, ctx.layout)
             # The whole K/V's gradient from this rank's queries, in the gather's layout.
             dkv_full = torch.zeros((k_full.shape[1], k_full.shape[0], 2, *k_full.shape[2:]),
                                    dtype=torch.float32, device=q.device)
@@ -112,7 +111,7 @@ class AllGatherAttention(torch.autograd.Function):
                                None if dlse is None else dlse[:, heads], ctx.blocks,
                                dq[:, :, heads], dkv_full[:, :, 0].transpose(0, 1),
                                dkv_full[:, :, 1].transpose(0, 1), ctx.scale, ctx.deterministic)
-            send = to_rank_major(dkv_full, world, dim=0)
+            send = to_rank_major(dkv_full, ctx.layout, dim=0)
             recv = send.new_empty((send.shape[0] // world, *send.shape[1:]))
             work = reduce_scatter_single(recv, send, group=group, async_op=True)
             scatters.append(((work, recv), kv_heads[g]))
@@ -120,4 +119,4 @@ class AllGatherAttention(torch.autograd.Function):
             (recv,) = wait_all([scatter])
             dk[:, :, heads] = recv[:, :, 0].transpose(0, 1)
             dv[:, :, heads] = recv[:, :, 1].transpose(0, 1)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None

@@ -8,7 +8,11 @@ unchanged. ``shard_batch`` turns a data batch into this rank's model inputs:
 - the targets are shifted *before* the sequence is split (the target of a shard's last token is
   the next shard's first), then split like the inputs;
 - RoPE positions are the global ones (a batch's per-document positions, or ``arange(S)``);
-- ``cu_seqlens`` keep describing the whole sequence, so documents follow the shards.
+- ``cu_seqlens`` keep describing the whole sequence, so documents follow the shards;
+- with ``balance="documents"`` (ring and allgather) each packed sequence is split by
+  `zigzag.document_layout`, computed from its ``cu_seqlens`` alike on every rank and by every
+  user of the shards (the batch, the positions, attention), so the ranks' attention work stays
+  equal when documents are shorter than the sequence; the zigzag otherwise.
 
 The loss over the group is the token-weighted mean: each rank computes its mean over its own
 targets, and ``group_loss`` rescales it by ``N * (its targets) / (the group's targets)``. With
@@ -28,27 +32,47 @@ import torch.nn.functional as F
 from flashlm.model.loss import IGNORE_INDEX
 from flashlm.parallel.context_parallel import (IMPLS, REPLAYABLE, context_parallel_attention,
                                               replay_context_parallel_attention)
-from flashlm.parallel.zigzag import shard_sequence
+from flashlm.parallel.zigzag import document_layout, shard_sequence, zigzag_layout
+
+BALANCES = ("zigzag", "documents")
 
 
 @dataclass(frozen=True, eq=False)
 class ContextParallel:
-    """The ranks that share each sequence (``group``) and how attention is split (``impl``)."""
+    """The ranks that share each sequence (``group``), how attention is split (``impl``) and how
+    a sequence is cut into shards (``balance``: "zigzag", or "documents" for ring and allgather)."""
 
     group: dist.ProcessGroup
     impl: str
+    balance: str = "zigzag"
 
     def __post_init__(self):
         if self.impl not in IMPLS:
             raise ValueError(f"context_parallel_impl={self.impl!r} is invalid: expected one of {IMPLS}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"context_parallel_balance={self.balance!r} is invalid: expected one of {BALANCES}")
+        if self.balance == "documents" and self.impl not in REPLAYABLE:
+            raise ValueError(f"context_parallel_balance='documents' applies to ring and allgather; "
+                             f"context_parallel_impl={self.impl!r} balances by heads (use 'zigzag')")
 
     @property
     def size(self) -> int:
         return dist.get_world_size(self.group)
 
-    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """This rank's zigzag shard of a whole-sequence tensor (sequence along ``dim``)."""
-        return shard_sequence(x, self.group, dim)
+    def layout(self, seqlen: int, cu_seqlens: torch.Tensor | None):
+        """The `zigzag.Layout` of a whole sequence of ``seqlen`` tokens with documents
+        ``cu_seqlens`` (None: one document)."""
+        if self.balance == "zigzag" or cu_seqlens is None:
+            return zigzag_layout(self.size)
+        docs = tuple(int(c) for c in cu_seqlens.tolist())
+        if docs[-1] != seqlen:  # several sequences packed as one: attention refuses them anyway
+            return zigzag_layout(self.size)
+        return document_layout(seqlen, self.size, docs)
+
+    def shard(self, x: torch.Tensor, dim: int = 1, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's shard of a whole-sequence tensor (sequence along ``dim``; documents
+        ``cu_seqlens``, which the layout may follow)."""
+        return shard_sequence(x, self.group, dim, self.layout(x.shape[dim], cu_seqlens))
 
     @property
     def replayable(self) -> bool:
@@ -59,19 +83,22 @@ class ContextParallel:
     def attention(self, q, k, v, window_size, cu_seqlens, deterministic, return_lse=False):
         """Causal attention of this rank's shards over the whole sequence (the model's hook)."""
         return context_parallel_attention(q, k, v, self.group, impl=self.impl, causal=True, window_size=window_size,
-                                          cu_seqlens=cu_seqlens, deterministic=deterministic, return_lse=return_lse)
+                                          cu_seqlens=cu_seqlens, deterministic=deterministic, return_lse=return_lse,
+                                          layout=self.layout(q.shape[1] * self.size, cu_seqlens))
 
     def replay(self, q, k, v, out, lse, window_size, cu_seqlens, deterministic):
         """``attention`` whose forward already ran and returned ``out``, ``lse``."""
         return replay_context_parallel_attention(q, k, v, out, lse, self.group, impl=self.impl, causal=True,
                                                  window_size=window_size, cu_seqlens=cu_seqlens,
-                                                 deterministic=deterministic)
+                                                 deterministic=deterministic,
+                                                 layout=self.layout(q.shape[1] * self.size, cu_seqlens))
 
 
-def apply_context_parallel(model, group, impl: str = "ring"):
+def apply_context_parallel(model, group, impl: str = "ring", balance: str = "zigzag"):
     """Make ``model`` (a ``flashlm.GPT``, sharded by FSDP2 or not) run on sequence shards over
-    ``group`` with attention method ``impl``. Returns the ``ContextParallel`` it now holds."""
-    cp = ContextParallel(group, impl)
+    ``group`` with attention method ``impl`` and layout ``balance``. Returns the
+    ``ContextParallel`` it now holds."""
+    cp = ContextParallel(group, impl, balance)
     model.context_parallel = cp
     return cp
 
@@ -82,9 +109,10 @@ def shard_batch(inputs: dict, cp: ContextParallel) -> dict:
     and the whole-sequence ``cu_seqlens`` / ``max_seqlen`` as they are."""
     labels = inputs["labels"]
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    out = {"input_ids": cp.shard(inputs["input_ids"]), "targets": cp.shard(targets)}
+    cu = inputs.get("cu_seqlens")
+    out = {"input_ids": cp.shard(inputs["input_ids"], cu_seqlens=cu), "targets": cp.shard(targets, cu_seqlens=cu)}
     if "position_ids" in inputs:
-        out["position_ids"] = cp.shard(inputs["position_ids"])
+        out["position_ids"] = cp.shard(inputs["position_ids"], cu_seqlens=cu)
     for key in ("cu_seqlens", "max_seqlen"):
         if key in inputs:
             out[key] = inputs[key]

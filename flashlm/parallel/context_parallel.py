@@ -4,7 +4,8 @@ running flashlm's kernel on its share (docs/context_parallel.md).
 Three methods, one module each: ``ring`` (K/V shards travel around the group, partial results
 merge through their log-sum-exp), ``allgather`` (Llama 3 style: K/V all-gathered, dK/dV
 reduce-scattered) and ``ulysses`` (all-to-all from sequence shards to head shards and back).
-All use the zigzag layout of `zigzag`, the mask planning of `schedule`, and overlap their
+All use the layouts of `zigzag` (the zigzag by default; ring and allgather also take a
+`zigzag.document_layout` that balances packed documents), the mask planning of `schedule`, and overlap their
 communication with the kernel through ``async_op`` handles. This module checks the arguments,
 plans, and dispatches.
 """
@@ -19,7 +20,7 @@ from flashlm.parallel.allgather import AllGatherAttention
 from flashlm.parallel.block_attention import check_arguments
 from flashlm.parallel.ring import RingAttention
 from flashlm.parallel.ulysses import UlyssesAttention
-from flashlm.parallel.zigzag import check_sequence_length
+from flashlm.parallel.zigzag import Layout, check_sequence_length, zigzag_layout
 
 IMPLS = ("ring", "allgather", "ulysses")
 
@@ -66,7 +67,7 @@ def _head_chunks(fn, impl, head_chunks, nheads, nheads_k, world):
 class Options:
     """Checked and normalized options: the kernel's ``window`` and ``scale``, the full
     ``seqlen``, document offsets ``docs``, the mask band ``(lo, hi)`` (`schedule.band`) and the
-    pipeline depth ``chunks``."""
+    pipeline depth ``chunks`` and the shards' ``layout``."""
 
     seqlen: int
     window: tuple[int, int]
@@ -75,10 +76,11 @@ class Options:
     lo: int | None
     hi: int | None
     chunks: int
+    layout: Layout
 
 
 def resolve_options(fn, impl, q, k, v, world, seqlen, causal, window_size, softmax_scale,
-                    cu_seqlens, head_chunks):
+                    cu_seqlens, head_chunks, layout=None):
     """Check the arguments of `context_parallel_attention` (``q``, ``k``, ``v`` are this rank's
     shards or, for a simulation, the full tensors; ``seqlen`` is the full length) and return
     them as `Options`; errors name the bad argument."""
@@ -88,7 +90,14 @@ def resolve_options(fn, impl, q, k, v, world, seqlen, causal, window_size, softm
     if k.shape[:2] != q.shape[:2]:
         raise ValueError(f"{fn}: q and k/v must hold the same batch and tokens, got q "
                          f"{tuple(q.shape)} and k {tuple(k.shape)}")
-    check_sequence_length(fn, seqlen, world)
+    if layout is None:
+        layout = zigzag_layout(world)
+    elif not isinstance(layout, Layout) or layout.world_size != world:
+        raise ValueError(f"{fn}: layout must be a zigzag.Layout of world_size={world} ranks, got {layout!r}")
+    elif impl == "ulysses" and not layout.is_zigzag:
+        raise ValueError(f"{fn}: impl='ulysses' keeps every rank's work equal by heads; it takes the "
+                         "zigzag layout only (layout=None)")
+    check_sequence_length(fn, seqlen, layout)
     nheads, nheads_k = q.shape[2], k.shape[2]
     if impl == "ulysses":
         if nheads % world:
@@ -102,12 +111,12 @@ def resolve_options(fn, impl, q, k, v, world, seqlen, causal, window_size, softm
                          _check_cu_seqlens(fn, cu_seqlens, q.shape[0], seqlen), seqlen)
     lo, hi = sch.band(causal, window)
     return Options(seqlen=seqlen, window=window, scale=scale, docs=docs, lo=lo, hi=hi,
-                   chunks=chunks)
+                   chunks=chunks, layout=layout)
 
 
 def context_parallel_attention(q, k, v, group, impl="ring", causal=True, window_size=(-1, -1),
                                softmax_scale=None, cu_seqlens=None, return_lse=False,
-                               deterministic=True, head_chunks=None):
+                               deterministic=True, head_chunks=None, layout=None):
     """Attention over a sequence split across the ranks of ``group`` (context parallelism).
 
     Every rank of ``group`` calls this with its zigzag shards (`shard_sequence`) and the same
@@ -129,6 +138,9 @@ def context_parallel_attention(q, k, v, group, impl="ring", causal=True, window_
         head_chunks: allgather and ulysses only: how many head groups the collectives are
             pipelined over (the next group's communication runs during this group's kernel);
             defaults to 2 where the heads divide, else 1.
+        layout: ring and allgather: the `zigzag.Layout` the shards were made with
+            (`shard_sequence`'s); default the zigzag. `zigzag.document_layout` balances packed
+            documents.
 
     Returns:
         out (batch, S / N, heads, head_dim), or ``(out, lse)``; differentiable in q, k, v.
@@ -140,7 +152,7 @@ def context_parallel_attention(q, k, v, group, impl="ring", causal=True, window_
     world = dist.get_world_size(group)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # kernel layout
     opts = resolve_options(fn, impl, q, k, v, world, q.shape[1] * world, causal, window_size,
-                           softmax_scale, cu_seqlens, head_chunks)
+                           softmax_scale, cu_seqlens, head_chunks, layout)
     deterministic = bool(deterministic)
     if impl in REPLAYABLE:
         function, args = _planned(impl, group, opts, deterministic)
@@ -162,10 +174,10 @@ def _planned(impl, group, opts, deterministic):
     """(autograd Function, its arguments after q, k, v) for ``impl`` on this rank."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if impl == "ring":
-        steps = sch.ring_schedule(world, opts.seqlen, opts.docs, opts.lo, opts.hi)[rank]
+        steps = sch.ring_schedule(opts.layout, opts.seqlen, opts.docs, opts.lo, opts.hi)[rank]
         return RingAttention, (group, steps, opts.scale, deterministic)
-    blocks = sch.allgather_schedule(world, opts.seqlen, opts.docs, opts.lo, opts.hi)[rank]
-    return AllGatherAttention, (group, blocks, opts.scale, deterministic, opts.chunks)
+    blocks = sch.allgather_schedule(opts.layout, opts.seqlen, opts.docs, opts.lo, opts.hi)[rank]
+    return AllGatherAttention, (group, blocks, opts.scale, deterministic, opts.chunks, opts.layout)
 
 
 class _Replayed(torch.autograd.Function):
@@ -198,11 +210,12 @@ class _SavedState:
         if function is RingAttention:
             self.group, self.steps, self.scale, self.deterministic = args
         else:
-            self.group, self.blocks, self.scale, self.deterministic, self.chunks = args
+            self.group, self.blocks, self.scale, self.deterministic, self.chunks, self.layout = args
 
 
 def replay_context_parallel_attention(q, k, v, out, lse, group, impl="ring", causal=True, window_size=(-1, -1),
-                                      softmax_scale=None, cu_seqlens=None, deterministic=True, head_chunks=None):
+                                      softmax_scale=None, cu_seqlens=None, deterministic=True, head_chunks=None,
+                                      layout=None):
     """`context_parallel_attention` (ring or allgather) whose forward already ran: ``out`` and
     ``lse`` are what it returned (``return_lse=True``) for the same shards and options. Returns
     ``out`` on the autograd graph of q, k, v, with the method's usual backward: activation
@@ -214,5 +227,5 @@ def replay_context_parallel_attention(q, k, v, out, lse, group, impl="ring", cau
     world = dist.get_world_size(group)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     opts = resolve_options(fn, impl, q, k, v, world, q.shape[1] * world, causal, window_size,
-                           softmax_scale, cu_seqlens, head_chunks)
+                           softmax_scale, cu_seqlens, head_chunks, layout)
     return _Replayed.apply(q, k, v, (out, lse), _planned(impl, group, opts, bool(deterministic)))

@@ -32,7 +32,7 @@ import bisect
 import functools
 from dataclasses import dataclass
 
-from flashlm.parallel.zigzag import zigzag_chunks
+from flashlm.parallel.zigzag import as_layout
 
 
 @dataclass(frozen=True)
@@ -105,10 +105,11 @@ def documents(cu_seqlens, seqlen):
 
 
 def zigzag_pieces(rank, world_size, seqlen):
-    """The two chunks a rank holds, as pieces of its local buffer."""
-    chunk = seqlen // (2 * world_size)
-    return tuple(Piece(c * chunk, chunk, i * chunk)
-                 for i, c in enumerate(zigzag_chunks(rank, world_size)))
+    """The chunks a rank holds (under ``world_size``'s layout: a `zigzag.Layout`, or a world
+    size for the zigzag), as pieces of its local buffer."""
+    layout = as_layout(world_size)
+    chunk = seqlen // layout.nchunks
+    return tuple(Piece(c * chunk, chunk, i * chunk) for i, c in enumerate(layout.chunks[rank]))
 
 
 def _rectangle(qs, qe, ks, ke, lo, hi):
@@ -227,13 +228,15 @@ def ring_schedule(world_size, seqlen, docs, lo, hi):
     """Ring attention's calls: ``schedule[rank][step]`` are the calls rank ``rank`` makes at
     ring step ``step`` (against the key/value shard of rank ``(rank - step) % N``), for the
     steps ``0 .. last``, where ``last`` is the last step any rank has work in: the ring stops
-    there. A step the mask leaves empty has no calls."""
+    there. A step the mask leaves empty has no calls. ``world_size`` may be a
+    `zigzag.Layout` (then its ranks and chunks)."""
+    world = as_layout(world_size).world_size
     steps = []
-    for rank in range(world_size):
+    for rank in range(world):
         q_pieces = zigzag_pieces(rank, world_size, seqlen)
         own = []
-        for step in range(world_size):
-            k_pieces = zigzag_pieces((rank - step) % world_size, world_size, seqlen)
+        for step in range(world):
+            k_pieces = zigzag_pieces((rank - step) % world, world_size, seqlen)
             if step == 0 and lo is None and hi in (None, 0):
                 cu = _own_block_causal(q_pieces, docs)
                 window = (-1, -1 if hi is None else 0)
@@ -252,11 +255,12 @@ def ring_schedule(world_size, seqlen, docs, lo, hi):
 def allgather_schedule(world_size, seqlen, docs, lo, hi):
     """All-gather attention's calls: ``schedule[rank]`` computes the rank's two chunks of
     queries against the all-gathered keys in position order (key rows = positions), each query
-    row in exactly one call, so no partial results need merging."""
+    row in exactly one call, so no partial results need merging. ``world_size`` may be a
+    `zigzag.Layout`."""
     whole = Piece(0, seqlen, 0)
     return tuple(
         plan_blocks(zigzag_pieces(rank, world_size, seqlen), (whole,), docs, lo, hi)
-        for rank in range(world_size))
+        for rank in range(as_layout(world_size).world_size))
 
 
 def whole_sequence_block(seqlen, docs, causal, window_size):

@@ -112,10 +112,11 @@ def _timed(fn, warmup, repeats, cuda):
     return sorted(times)[len(times) // 2], result
 
 
-def _ring_rank(rank, n, q, shards, dout, steps, scale, det, with_backward):
+def _ring_rank(rank, layout, q, shards, dout, steps, scale, det, with_backward):
     """Rank ``rank``'s ring work on shards of the full tensors: forward and backward closures.
     ``shards``: every rank's stacked K/V shard, shared by all the simulated ranks."""
-    ql, dol = shard_of(q, rank, n), shard_of(dout, rank, n)
+    n = layout.world_size
+    ql, dol = shard_of(q, rank, layout), shard_of(dout, rank, layout)
     state = {}
 
     def forward():
@@ -141,8 +142,8 @@ def _ring_rank(rank, n, q, shards, dout, steps, scale, det, with_backward):
     return forward, (backward if with_backward else None)
 
 
-def _allgather_rank(rank, n, q, k, v, dout, blocks, scale, det, with_backward):
-    ql, dol = shard_of(q, rank, n), shard_of(dout, rank, n)
+def _allgather_rank(rank, layout, q, k, v, dout, blocks, scale, det, with_backward):
+    ql, dol = shard_of(q, rank, layout), shard_of(dout, rank, layout)
     state = {}
 
     def forward():
@@ -183,7 +184,8 @@ def _ulysses_rank(rank, n, q, k, v, dout, block, scale, det, with_backward):
 
 def simulate_context_parallel(q, k, v, world_size, impl, causal=True, window_size=(-1, -1),
                               softmax_scale=None, cu_seqlens=None, backward=True,
-                              deterministic=True, warmup=1, repeats=3, dout=None, assemble=True):
+                              deterministic=True, warmup=1, repeats=3, dout=None, assemble=True,
+                              layout=None):
     """Run each rank's share of a context-parallel attention layer, one rank after another.
 
     Args:
@@ -199,6 +201,8 @@ def simulate_context_parallel(q, k, v, world_size, impl, causal=True, window_siz
         assemble: keep the ranks' results and lay them back in position order (the outputs
             and gradients of the whole sequence: memory for long sequences); False returns the
             timings, calls and bytes only.
+        layout: ring and allgather: a `zigzag.Layout` of ``world_size`` ranks (default the
+            zigzag; `zigzag.document_layout` balances packed documents).
 
     Returns:
         A `Simulation`: per-rank forward/backward seconds, kernel calls and bytes per layer, and
@@ -208,25 +212,26 @@ def simulate_context_parallel(q, k, v, world_size, impl, causal=True, window_siz
         raise ValueError(f"simulate_context_parallel: repeats={repeats} must be >= 1")
     n = world_size
     opts = resolve_options("simulate_context_parallel", impl, q, k, v, n, q.shape[1], causal,
-                           window_size, softmax_scale, cu_seqlens, None)
+                           window_size, softmax_scale, cu_seqlens, None, layout)
+    layout = opts.layout
     batch, seqlen, nheads, head_dim = q.shape
     scale, docs, lo, hi = opts.scale, opts.docs, opts.lo, opts.hi
     if dout is None:
         dout = torch.randn_like(q)
     hops = None
     if impl == "ring":
-        schedule = sch.ring_schedule(n, seqlen, docs, lo, hi)
+        schedule = sch.ring_schedule(layout, seqlen, docs, lo, hi)
         hops = len(schedule[0]) - 1
-        shards = [torch.stack([shard_of(k, r, n), shard_of(v, r, n)]) for r in range(n)]
+        shards = [torch.stack([shard_of(k, r, layout), shard_of(v, r, layout)]) for r in range(n)]
 
         def make(r):
-            return _ring_rank(r, n, q, shards, dout, schedule[r], scale, deterministic, backward)
+            return _ring_rank(r, layout, q, shards, dout, schedule[r], scale, deterministic, backward)
         calls = [sum(len(b) for b in steps) for steps in schedule]
     elif impl == "allgather":
-        schedule = sch.allgather_schedule(n, seqlen, docs, lo, hi)
+        schedule = sch.allgather_schedule(layout, seqlen, docs, lo, hi)
 
         def make(r):
-            return _allgather_rank(r, n, q, k, v, dout, schedule[r], scale, deterministic, backward)
+            return _allgather_rank(r, layout, q, k, v, dout, schedule[r], scale, deterministic, backward)
         calls = [len(b) for b in schedule]
     else:
         block = sch.whole_sequence_block(seqlen, docs, causal, opts.window)
@@ -250,15 +255,16 @@ def simulate_context_parallel(q, k, v, world_size, impl, causal=True, window_siz
                 grads.append(grad)
             del grad
         del out, forward, backward_fn
-    out, lse, dq, dk, dv = _assemble(impl, n, outs, grads, q, k) if assemble else (None,) * 5
+    out, lse, dq, dk, dv = _assemble(impl, layout, outs, grads, q, k) if assemble else (None,) * 5
     sent = communication_bytes(impl, n, batch, seqlen, nheads, k.shape[2], head_dim,
                                q.element_size(), ring_hops=hops)
     return Simulation(impl=impl, world_size=n, forward_s=forward_s, backward_s=backward_s,
                       calls=calls, bytes=sent, out=out, lse=lse, dq=dq, dk=dk, dv=dv)
 
 
-def _assemble(impl, n, outs, grads, q, k):
+def _assemble(impl, layout, outs, grads, q, k):
     """The ranks' results in position order (full-sequence tensors)."""
+    n = layout.world_size
     if impl == "ulysses":
         out = torch.cat([o for o, _ in outs], dim=2)
         lse = torch.cat([l_ for _, l_ in outs], dim=1)
@@ -272,14 +278,14 @@ def _assemble(impl, n, outs, grads, q, k):
             dk[:, :, kv_heads[0][r]] += g[1].float()
             dv[:, :, kv_heads[0][r]] += g[2].float()
         return out, lse, dq, dk.to(k.dtype), dv.to(k.dtype)
-    out = to_positions(torch.cat([o for o, _ in outs], dim=1), n, dim=1)
-    lse = to_positions(torch.cat([l_ for _, l_ in outs], dim=2), n, dim=2)
+    out = to_positions(torch.cat([o for o, _ in outs], dim=1), layout, dim=1)
+    lse = to_positions(torch.cat([l_ for _, l_ in outs], dim=2), layout, dim=2)
     if not grads:
         return out, lse, None, None, None
-    dq = to_positions(torch.cat([g[0] for g in grads], dim=1), n, dim=1).to(q.dtype)
+    dq = to_positions(torch.cat([g[0] for g in grads], dim=1), layout, dim=1).to(q.dtype)
     if impl == "ring":
         dkv = sum(torch.cat(g[1], dim=2) for g in grads)  # (2, batch, S rank-major, ...)
-        dkv = to_positions(dkv, n, dim=2)
+        dkv = to_positions(dkv, layout, dim=2)
         return out, lse, dq, dkv[0].to(k.dtype), dkv[1].to(k.dtype)
     dk = sum(g[1] for g in grads).to(k.dtype)
     dv = sum(g[2] for g in grads).to(k.dtype)

@@ -194,7 +194,7 @@ def setup(cfg: Recipe) -> Run:
     except (ValueError, OSError) as e:
         raise StartError(str(e)) from e
     if layout.cp is not None:
-        apply_context_parallel(model, layout.cp.group, layout.cp.impl)
+        apply_context_parallel(model, layout.cp.group, layout.cp.impl, layout.cp.balance)
     model.to(accelerator.device)  # before the optimizer, so fused AdamW sees device parameters
     sharded = fsdp2_enabled(accelerator)
     if model.config.gradient_checkpointing == "auto":  # which layers to recompute, for this device and batch
@@ -226,8 +226,10 @@ class ParallelLayout:
     cp: Any = None
 
     def __str__(self) -> str:
-        return "" if self.cp is None else (f" ({self.dp_size} data-parallel x {self.cp.size} context-parallel, "
-                                           f"{self.cp.impl})")
+        if self.cp is None:
+            return ""
+        balance = "" if self.cp.balance == "zigzag" else f", {self.cp.balance} balance"
+        return f" ({self.dp_size} data-parallel x {self.cp.size} context-parallel, {self.cp.impl}{balance})"
 
 
 def parallel_layout(cfg: Recipe, accelerator, config) -> ParallelLayout:
@@ -251,7 +253,8 @@ def parallel_layout(cfg: Recipe, accelerator, config) -> ParallelLayout:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(accelerator.device.type, (world // size, size), mesh_dim_names=("dp", "cp"))
-    return ParallelLayout(mesh.get_local_rank("dp"), world // size, ContextParallel(mesh.get_group("cp"), impl))
+    cp = ContextParallel(mesh.get_group("cp"), impl, cfg.parallel.context_parallel_balance)
+    return ParallelLayout(mesh.get_local_rank("dp"), world // size, cp)
 
 
 def build_model(cfg: Recipe, tokenizer):

@@ -15,7 +15,9 @@ this GPU, with no communication, and the report gives:
   token and fixed memory, and the longest context per GPU count that fits ``--gpu-gib``.
 
 Shapes: the ``1b`` preset's attention (16 heads, 8 KV heads, head dim 128), bf16, causal, batch 1;
-"packed" splits the sequence into documents of random lengths (mean ``--doc-mean`` tokens).
+"packed" splits the sequence into documents of random lengths (mean ``--doc-mean`` tokens) and
+shards it by the zigzag; "packed-balanced" shards the same documents by their work
+(`flashlm.parallel.zigzag.document_layout`, ring and allgather).
 
     python scripts/bench/context_parallel.py --out results/context_parallel
 """
@@ -35,9 +37,13 @@ from timing import cuda_median_ms  # noqa: E402
 
 from flashlm import flash_attn_func, flash_attn_varlen_func  # noqa: E402
 from flashlm.parallel import simulate_context_parallel  # noqa: E402
+from flashlm.parallel.zigzag import document_layout  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128
+# dense: one document; packed: random documents, zigzag shards; packed-balanced: the same
+# documents, shards cut by their work (zigzag.document_layout; ring and allgather only).
+LAYOUTS = ("dense", "packed", "packed-balanced")
 
 
 def documents(seqlen, mean, seed=0):
@@ -76,7 +82,7 @@ def pretune(seqlen, layouts, doc_mean):
     q = torch.randn(1, n, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, n, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     for layout in layouts:
-        unsplit_seconds(q, k, v, torch.randn_like(q), documents(n, doc_mean) if layout == "packed" else None, 1)
+        unsplit_seconds(q, k, v, torch.randn_like(q), documents(n, doc_mean) if layout != "dense" else None, 1)
 
 
 def memory_model(path):
@@ -105,7 +111,8 @@ def merge_rows(earlier, new):
     by_cell = {cell(r): r for r in earlier}
     by_cell.update((cell(r), r) for r in new)
     order = {"ring": 0, "allgather": 1, "ulysses": 2}
-    return sorted(by_cell.values(), key=lambda r: (r["seqlen"], r["layout"] != "dense", r["world_size"],
+    layouts = {name: i for i, name in enumerate(LAYOUTS)}
+    return sorted(by_cell.values(), key=lambda r: (r["seqlen"], layouts[r["layout"]], r["world_size"],
                                                     order[r["impl"]]))
 
 
@@ -130,7 +137,7 @@ def main(argv=None):
     parser.add_argument("--lengths", type=int, nargs="+", default=[131072, 524288, 1048576])
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--impls", nargs="+", default=["ring", "allgather", "ulysses"])
-    parser.add_argument("--layouts", nargs="+", default=["dense", "packed"], choices=["dense", "packed"])
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     parser.add_argument("--longest-only", nargs="*", default=[],
                         help="at the longest length run only these impl:N pairs (e.g. ring:8 allgather:8)")
     parser.add_argument("--doc-mean", type=int, default=16384)
@@ -156,19 +163,22 @@ def main(argv=None):
         v = torch.randn_like(k)
         dout = torch.randn_like(q)
         for layout in args.layouts:
-            cu = documents(seqlen, args.doc_mean) if layout == "packed" else None
+            cu = documents(seqlen, args.doc_mean) if layout != "dense" else None
             base = unsplit_seconds(q, k, v, dout, cu, args.repeats)
             for n in args.world_sizes:
                 for impl in args.impls:
                     if seqlen == max(args.lengths) and args.longest_only and f"{impl}:{n}" not in args.longest_only:
                         continue
-                    if impl == "ulysses" and (HEADS % n or (KV_HEADS % n and n % KV_HEADS)):
+                    if impl == "ulysses" and (HEADS % n or (KV_HEADS % n and n % KV_HEADS)
+                                              or layout == "packed-balanced"):
                         continue
                     if time.perf_counter() - start > args.time_budget:
                         print(f"time budget spent: skipping S={seqlen} N={n} {impl} {layout}", flush=True)
                         continue
+                    split = (document_layout(seqlen, n, tuple(cu.tolist())) if layout == "packed-balanced"
+                             else None)
                     sim = simulate_context_parallel(q, k, v, n, impl, causal=True, cu_seqlens=cu, dout=dout,
-                                                    warmup=1, repeats=args.repeats, assemble=False)
+                                                    warmup=1, repeats=args.repeats, assemble=False, layout=split)
                     per_rank = [f + b for f, b in zip(sim.forward_s, sim.backward_s)]
                     slowest = max(per_rank)
                     comm = {p: sim.bytes[p] / (args.link_gbs * 1e9) for p in ("forward", "backward")}
