@@ -71,7 +71,7 @@ class Case:
         """The shards' layout: the zigzag, or `document_layout` of the case's documents."""
         if self.balance == "zigzag":
             return zigzag_layout(world)
-        return document_layout(self.length(world), world, tuple(self.cu_seqlens(world).tolist()))
+        return document_layout(self.length(world), world, self.cu_seqlens(world))
 
     def cu_seqlens(self, world):
         if self.doc_lengths is None:
@@ -522,6 +522,9 @@ def test_document_layout_balances_packed_documents():
     assert document_layout(64, 4, (0, 64)) == zigzag_layout(4)
     with pytest.raises(ValueError, match="not divisible by 2 \\* world_size = 8"):
         document_layout(20, 4, (0, 5, 20))
+    with pytest.raises(ValueError, match="end at the sequence length 64, got \\[0, 5, 60\\]"):
+        document_layout(64, 4, torch.tensor([0, 5, 60]))
+    assert document_layout(64, 4, torch.tensor([0, 5, 64])) == document_layout(64, 4, [0, 5, 64])
 
 
 def test_ring_plan_skips_what_the_mask_empties():

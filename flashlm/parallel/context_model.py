@@ -64,7 +64,7 @@ class ContextParallel:
         ``cu_seqlens`` (None: one document)."""
         if self.balance == "zigzag" or cu_seqlens is None:
             return zigzag_layout(self.size)
-        docs = tuple(int(c) for c in cu_seqlens.tolist())
+        docs = cu_seqlens.tolist()
         if docs[-1] != seqlen:  # several sequences packed as one: attention refuses them anyway
             return zigzag_layout(self.size)
         return document_layout(seqlen, self.size, docs)

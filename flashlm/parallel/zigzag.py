@@ -68,18 +68,27 @@ BALANCE_TARGET = 0.95
 MAX_CHUNKS_PER_RANK = 16
 
 
-@functools.lru_cache(maxsize=64)
-def document_layout(seqlen: int, world_size: int, docs: tuple[int, ...]) -> Layout:
+def document_layout(seqlen: int, world_size: int, cu_seqlens) -> Layout:
     """A layout that balances causal attention's work over the ranks for the packed documents
-    ``docs`` (boundary offsets, ``0 ... seqlen``; the work of a query is the number of keys it
-    sees, its position in its document plus one).
+    ``cu_seqlens`` (boundary offsets ``0 ... seqlen``: a tensor or a sequence of ints; the work
+    of a query is the number of keys it sees, its position in its document plus one).
 
     The zigzag when its balance (least work / most work) reaches ``BALANCE_TARGET``; else the
     sequence is cut into 4, 8, then 16 chunks per rank (as the length divides), each cut's
     chunks handed out largest first to the rank with the least work that has room, and the
     first cut that reaches the target is taken (the best one when none does). Finer chunks mean
-    more, smaller kernel calls, so the coarsest cut that balances wins."""
+    more, smaller kernel calls, so the coarsest cut that balances wins. Cached per document
+    list: every rank and every user of one batch's shards gets the same layout."""
+    docs = tuple(int(c) for c in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens))
+    if len(docs) < 2 or docs[0] != 0 or docs[-1] != seqlen or any(b < a for a, b in zip(docs, docs[1:])):
+        raise ValueError(f"document_layout: cu_seqlens must start at 0, never decrease and end at the sequence "
+                         f"length {seqlen}, got {list(docs[:8])}{' ...' if len(docs) > 8 else ''}")
     check_sequence_length("document_layout", seqlen, zigzag_layout(world_size))
+    return _document_layout(seqlen, world_size, docs)
+
+
+@functools.lru_cache(maxsize=64)
+def _document_layout(seqlen, world_size, docs):
     work = _token_work(seqlen, docs)
     best = zigzag_layout(world_size)
     best_balance = _balance(best, work)

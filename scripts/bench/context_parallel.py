@@ -175,7 +175,7 @@ def main(argv=None):
                     if time.perf_counter() - start > args.time_budget:
                         print(f"time budget spent: skipping S={seqlen} N={n} {impl} {layout}", flush=True)
                         continue
-                    split = (document_layout(seqlen, n, tuple(cu.tolist())) if layout == "packed-balanced"
+                    split = (document_layout(seqlen, n, cu) if layout == "packed-balanced"
                              else None)
                     sim = simulate_context_parallel(q, k, v, n, impl, causal=True, cu_seqlens=cu, dout=dout,
                                                     warmup=1, repeats=args.repeats, assemble=False, layout=split)
