@@ -5,9 +5,9 @@ Three methods, one module each: ``ring`` (K/V shards travel around the group, pa
 merge through their log-sum-exp), ``allgather`` (Llama 3 style: K/V all-gathered, dK/dV
 reduce-scattered) and ``ulysses`` (all-to-all from sequence shards to head shards and back).
 All use the layouts of `zigzag` (the zigzag by default; ring and allgather also take a
-`zigzag.document_layout` that balances packed documents), the mask planning of `schedule`, and overlap their
-communication with the kernel through ``async_op`` handles. This module checks the arguments,
-plans, and dispatches.
+`zigzag.document_layout`, which balances packed documents), the mask planning of `schedule`,
+and overlap their communication with the kernel through ``async_op`` handles. This module
+checks the arguments, plans, and dispatches.
 """
 
 from dataclasses import dataclass
@@ -20,7 +20,7 @@ from flashlm.parallel.allgather import AllGatherAttention
 from flashlm.parallel.block_attention import check_arguments
 from flashlm.parallel.ring import RingAttention
 from flashlm.parallel.ulysses import UlyssesAttention
-from flashlm.parallel.zigzag import Layout, check_sequence_length, zigzag_layout
+from flashlm.parallel.zigzag import Layout, check_layout, check_sequence_length
 
 IMPLS = ("ring", "allgather", "ulysses")
 
@@ -90,11 +90,8 @@ def resolve_options(fn, impl, q, k, v, world, seqlen, causal, window_size, softm
     if k.shape[:2] != q.shape[:2]:
         raise ValueError(f"{fn}: q and k/v must hold the same batch and tokens, got q "
                          f"{tuple(q.shape)} and k {tuple(k.shape)}")
-    if layout is None:
-        layout = zigzag_layout(world)
-    elif not isinstance(layout, Layout) or layout.world_size != world:
-        raise ValueError(f"{fn}: layout must be a zigzag.Layout of world_size={world} ranks, got {layout!r}")
-    elif impl == "ulysses" and not layout.is_zigzag:
+    layout = check_layout(fn, layout, world)
+    if impl == "ulysses" and not layout.is_zigzag:
         raise ValueError(f"{fn}: impl='ulysses' keeps every rank's work equal by heads; it takes the "
                          "zigzag layout only (layout=None)")
     check_sequence_length(fn, seqlen, layout)
@@ -119,9 +116,9 @@ def context_parallel_attention(q, k, v, group, impl="ring", causal=True, window_
                                deterministic=True, head_chunks=None, layout=None):
     """Attention over a sequence split across the ranks of ``group`` (context parallelism).
 
-    Every rank of ``group`` calls this with its zigzag shards (`shard_sequence`) and the same
-    options; the result equals `flash_attn_func` (or `flash_attn_varlen_func`) on the full
-    sequence, restricted to this rank's shard.
+    Every rank of ``group`` calls this with its shards (`shard_sequence`, with the same
+    ``layout``) and the same options; the result equals `flash_attn_func` (or
+    `flash_attn_varlen_func`) on the full sequence, restricted to this rank's shard.
 
     Args:
         q: (batch, S / N, heads, head_dim) this rank's queries, in `flash_attn_func`'s layout.
@@ -172,7 +169,7 @@ REPLAYABLE = ("ring", "allgather")
 
 def _planned(impl, group, opts, deterministic):
     """(autograd Function, its arguments after q, k, v) for ``impl`` on this rank."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    rank = dist.get_rank(group)
     if impl == "ring":
         steps = sch.ring_schedule(opts.layout, opts.seqlen, opts.docs, opts.lo, opts.hi)[rank]
         return RingAttention, (group, steps, opts.scale, deterministic)

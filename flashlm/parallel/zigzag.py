@@ -220,15 +220,15 @@ def shard_sequence(x, group, dim=1, layout=None):
     ``S`` must be a multiple of ``2N`` (of the layout's chunk count).
     """
     world_size = dist.get_world_size(group)
-    return shard_of(x, dist.get_rank(group), _group_layout(layout, world_size), dim)
+    return shard_of(x, dist.get_rank(group), check_layout("shard_sequence", layout, world_size), dim)
 
 
-def _group_layout(layout, world_size):
-    """``layout`` (default: the zigzag) checked against the group's size."""
+def check_layout(fn, layout, world_size):
+    """``layout`` checked against the group's size; None means the zigzag."""
     if layout is None:
         return zigzag_layout(world_size)
     if not isinstance(layout, Layout) or layout.world_size != world_size:
-        raise ValueError(f"layout must be a Layout of {world_size} ranks (the group's size), got {layout!r}")
+        raise ValueError(f"{fn}: layout must be a zigzag.Layout of world_size={world_size} ranks, got {layout!r}")
     return layout
 
 
@@ -264,4 +264,4 @@ def unshard_sequence(x_local, group, dim=1, layout=None):
         all-gather. Differentiable: the gradient of the (replicated) result is taken to be the
         same on every rank, and each rank keeps its shard of it.
     """
-    return _Unshard.apply(x_local, group, dim, _group_layout(layout, dist.get_world_size(group)))
+    return _Unshard.apply(x_local, group, dim, check_layout("unshard_sequence", layout, dist.get_world_size(group)))
