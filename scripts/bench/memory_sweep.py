@@ -111,8 +111,9 @@ ROWS = {
 }
 DEFAULT_ROWS = ["flashlm", "flashlm_keepattn", "flashlm_sdpa", "flashlm_eager", "hf", "hf_liger"]
 # Run order within a preset: the headline rows first, so a tight budget cuts the others.
-ORDER = ["flashlm", "hf", "hf_liger", "hf_liger_nockpt", "flashlm_keepattn", "flashlm_sdpa", "flashlm_eager", "flashlm_plain", "flashlm_ckpt",
-         "flashlm_bf16", "flashlm_mlp", "flashlm_liger", "flashlm_torch_ops", "flashlm_nondet", "flashlm_auto"]
+ORDER = ["flashlm", "hf", "hf_liger", "hf_liger_nockpt", "flashlm_keepattn", "flashlm_sdpa", "flashlm_eager",
+         "flashlm_plain", "flashlm_ckpt", "flashlm_bf16", "flashlm_mlp", "flashlm_liger", "flashlm_torch_ops",
+         "flashlm_nondet", "flashlm_auto"]
 REFERENCE_ROW = "hf_liger"
 FIRST_GUESS = 15.0
 
