@@ -136,16 +136,6 @@ def layout_work(layout, seqlen: int, docs: tuple[int, ...]) -> list[int]:
     return _rank_work(as_layout(layout), _token_work(seqlen, docs))
 
 
-def zigzag_chunks(rank, world_size):
-    """The chunk indices that ``rank`` holds under ``world_size``'s layout, in local order."""
-    return as_layout(world_size).chunks[rank]
-
-
-def rank_major_chunks(world_size):
-    """Chunk indices in rank-major order: [0, 2N-1, 1, 2N-2, ...] for the zigzag."""
-    return list(as_layout(world_size).rank_major())
-
-
 def check_sequence_length(fn, seqlen, world_size):
     """Raise unless ``seqlen`` splits into the layout's equal chunks."""
     layout = as_layout(world_size)
