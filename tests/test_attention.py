@@ -406,6 +406,70 @@ def test_tuned_lists_leave_out_what_ptxas_crashes_on(kind):
     assert fallback in kept(256, False) and fallback in kept(256, False, torch.float32)
 
 
+class _RecordingKernel:
+    """Stands in for a compiled kernel: records each launch's grid, arguments and the TMA
+    boxes its descriptors carried."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            boxes = [list(d.block_shape) for d in args if hasattr(d, "block_shape")]
+            self.launches.append((grid, args, kwargs, boxes))
+        return launch
+
+
+class _TimingTuner:
+    """Stands in for triton's autotuner: picks a configuration per key from made-up timings
+    (so not the first), runs its pre-hook, launches it, and counts its tuning runs."""
+
+    def __init__(self, kind):
+        self.fn = _RecordingKernel()
+        self.configs = fa._configs(kind)
+        self.tuned = 0
+
+    def __getitem__(self, grid_fn):
+        def run(*args, **meta):
+            self.tuned += 1
+            self.best_config = self.configs[(self.tuned + 1) % len(self.configs)]
+            kwargs = {**meta, **self.best_config.all_kwargs()}
+            self.best_config.pre_hook({"DESC_A": args[2], "DESC_B": args[3], **kwargs})
+            self.fn[grid_fn(kwargs)](*args, **kwargs)
+        return run
+
+
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_tuned_launch_reuses_the_autotuners_choice(use_tma, monkeypatch):
+    """Once the autotuner has chosen for a key, a launch with that key launches exactly what the
+    autotuner launched (grid, arguments, blocks, warps, stages, TMA boxes) without asking it
+    again; another sequence bucket or dtype goes back to it."""
+    monkeypatch.setattr(fa, "_CHOSEN", {"fwd": {}, "dkdv": {}, "dq": {}})
+
+    class Desc:
+        block_shape = [1, 16, 1, 64]
+
+    def launch(tuner, bucket, dtype):
+        q = torch.zeros(2, 3, dtype=dtype)
+        descs = (Desc(), Desc()) if use_tma else (q, q)
+        grid = lambda m: (bucket // m["BLOCK_M"], 6)  # noqa: E731
+        fa._launch("dkdv", tuner, grid, q, 7, *descs, seq_bucket=bucket, descs=descs,
+                   HEAD_DIM=64, BLOCK_D=64, USE_TMA=use_tma)
+        grid_, args, kwargs, boxes = tuner.fn.launches[-1]
+        return grid_, [a if isinstance(a, int) else a.dtype for a in args[:2]], kwargs, boxes
+
+    tuner = _TimingTuner("dkdv")
+    first = launch(tuner, 4096, torch.float16)
+    assert tuner.tuned == 1 and tuner.configs[2].all_kwargs().items() <= first[2].items()
+    assert launch(tuner, 4096, torch.float16) == first and tuner.tuned == 1
+    assert len(tuner.fn.launches) == 2
+    other = launch(tuner, 8192, torch.float16)
+    assert tuner.tuned == 2 and other != first
+    launch(tuner, 4096, torch.float32)
+    assert tuner.tuned == 3
+    assert launch(tuner, 4096, torch.float16) == first and tuner.tuned == 3
+
+
 def test_kernels_load_once_under_one_name():
     """The kernels are flashlm.kernels.<op> only: imported through the repository's top-level
     kernels/ folder as ``kernels.attention`` (a namespace package when no other distribution

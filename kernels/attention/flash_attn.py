@@ -656,23 +656,40 @@ def _fixed_config(kind, block_d, elem):
     return (32, 16, 4, 1) if small else (64, 32, 4, 2)
 
 
+# The configuration the autotuner chose, per kernel and tuning key (`_tuned_key`). Once a key
+# is tuned, `_launch` launches its configuration directly: the autotuner's own dispatch (an
+# argument dict, its key and the pre-hook's dict, over some forty arguments) cost about as much
+# host time as the launch itself.
+_CHOSEN: dict[str, dict[tuple, triton.Config]] = {"fwd": {}, "dkdv": {}, "dq": {}}
+
+
+def _tuned_key(args, seq_bucket, meta):
+    """At least what the autotuner keys on: the `_TUNE_KEYS` values (``meta`` and the bucket)
+    and the dtype of every tensor argument."""
+    return (seq_bucket, *meta.values(), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+
+
 def _launch(kind, tuned, grid_fn, *args, seq_bucket, descs, **meta):
     """Launch ``kind`` with the interpreter's blocks, the fixed short-sequence configuration or
-    the autotuner; ``descs`` are the kernel's DESC_A and DESC_B, already among ``args``."""
+    the autotuned one; ``descs`` are the kernel's DESC_A and DESC_B, already among ``args``."""
     q = args[0]
     if is_interpreted(tuned.fn):
         block_m, block_n = _INTERPRET_BLOCKS[kind]
-        options = {}
+        options = {"BLOCK_M": block_m, "BLOCK_N": block_n}
     elif seq_bucket < _AUTOTUNE_MIN_SEQ:
         block_m, block_n, warps, stages = _fixed_config(kind, meta["BLOCK_D"], q.element_size())
-        options = dict(num_warps=warps, num_stages=stages)
+        options = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
     else:
-        tuned[grid_fn](*args, seq_bucket, **meta)  # the configurations' pre-hook sizes the boxes
-        return
+        key = _tuned_key(args, seq_bucket, meta)
+        config = _CHOSEN[kind].get(key)
+        if config is None:
+            tuned[grid_fn](*args, seq_bucket, **meta)  # the configurations' pre-hook sizes the boxes
+            _CHOSEN[kind][key] = tuned.best_config
+            return
+        options = config.all_kwargs()  # the blocks, warps, stages: what the autotuner launches
     if meta["USE_TMA"]:
-        _set_tma_boxes(kind, descs, block_m, block_n, meta["BLOCK_D"])
-    grid = grid_fn({"BLOCK_M": block_m, "BLOCK_N": block_n})
-    tuned.fn[grid](*args, seq_bucket, BLOCK_M=block_m, BLOCK_N=block_n, **options, **meta)
+        _set_tma_boxes(kind, descs, options["BLOCK_M"], options["BLOCK_N"], meta["BLOCK_D"])
+    tuned.fn[grid_fn(options)](*args, seq_bucket, **options, **meta)
 
 
 class _Problem:
