@@ -238,7 +238,8 @@ def test_memory_sweep_dry_run_records_oom_and_skips_longer_contexts(tmp_path):
     out = tmp_path / "sweep"
     command = [sys.executable, str(ROOT / "scripts" / "bench" / "memory_sweep.py"), "--device", "cpu", "--preset", "debug",
                "--rows", "flashlm", "flashlm_eager", "hf", "--contexts", "64", "512", "1024", "--tokens-per-step",
-               "64", "--steps", "1", "--cpu-memory-limit-mb", "26", "--out", str(out), "--commit", "abc"]
+               "64", "--steps", "1", "--cpu-memory-limit-mb", "26", "--profile-steps", "1", "--out", str(out),
+               "--commit", "abc"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -250,8 +251,10 @@ def test_memory_sweep_dry_run_records_oom_and_skips_longer_contexts(tmp_path):
     ok = [r for r in data["results"] if r["status"] == "ok"]
     for r in ok:
         assert r["tokens_per_step"] == max(64, r["context"]) and r["peak_gib"] > 0 and r["tokens_per_s"] > 0
+        assert r["profile"]["category_ms"]["matmul"] > 0 and "mfu" not in r  # no peak FLOP/s on a CPU
     assert data["environment"]["git_commit"] == "abc"
     table = (out / "memory_sweep.md").read_text()
+    assert "where the time goes" in table and re.search(r"\| hf \| 64 \| \d+ \| \d+ \|", table)
     assert re.search(r"\| 512 \| unavailable \| 0\.\d+ \| OOM \|", table) and "out of memory at 512" in table
     assert (out / "memory_sweep.png").stat().st_size > 0
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from conftest import DEVICE
 from flashlm import GPT, GPTConfig
 from flashlm.model.loss import liger_linear_cross_entropy
-from flashlm.profiling import LiveTensorBytes
+from flashlm.profiling import LiveTensorBytes, _union_us, kernel_category, time_breakdown
 
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=96, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128,
@@ -154,6 +154,48 @@ def test_meter_counts_live_storage():
         d = torch.empty(100, dtype=torch.float32)
     assert meter.peak == 4000 + 1000 and meter.current == 1000 + 400
     del c, d
+
+
+@pytest.mark.parametrize("name, category", [
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", "matmul"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "matmul"),
+    ("_attn_bwd_dkdv_kernel", "attention"), ("_hopper_fwd_kernel", "attention"),
+    ("_bwd_preprocess_kernel", "attention"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128", "attention"),
+    ("_cross_entropy_kernel", "loss"), ("liger_cross_entropy_kernel", "loss"),
+    ("_rms_norm_bwd_kernel", "norm"), ("_rms_norm_forward_kernel", "norm"),
+    ("_rope_kernel", "rope"), ("_triton_rope", "rope"), ("_swiglu_fwd_kernel", "activation"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("Memcpy DtoH (Device -> Pinned)", "copy"), ("Memset (Device)", "copy"),
+    ("triton_poi_fused__to_copy_add_mul_0", "compiled"), ("triton_red_fused_mean_pow_rsqrt_1", "compiled"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "elementwise"),
+    ("aten::mm", "matmul"), ("aten::addmm", "matmul"), ("aten::mul", "elementwise"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "other"),
+])
+def test_kernel_categories(name, category):
+    assert kernel_category(name) == category
+
+
+def test_union_counts_overlapping_intervals_once():
+    assert _union_us([(5, 7), (0, 2), (1, 3), (6, 10)]) == 3 + 5
+    assert _union_us([]) == 0
+
+
+def test_time_breakdown_of_a_cpu_step():
+    """On a CPU the operators' own time stands in for kernels: the matmuls of a training step
+    show up as matmul time, and the categories add up to the busy time."""
+    model = GPT(GPTConfig.from_preset("debug"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 64))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        for _ in range(2):
+            model(ids, labels=ids).loss.backward()
+    got = time_breakdown(profile, steps=2)
+    assert got["source"] == "cpu operators" and got["steps"] == 2
+    assert got["category_ms"]["matmul"] > 0
+    assert sum(got["category_ms"].values()) == pytest.approx(got["busy_ms"])
+    assert got["top"] and all(kernel_category(k["name"]) == k["category"] for k in got["top"])
+    assert max(k["ms"] for k in got["top"]) <= got["busy_ms"]
 
 
 def test_each_lever_lowers_what_it_targets():

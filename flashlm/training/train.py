@@ -45,6 +45,7 @@ from flashlm.model.plan import plan_for_training
 from flashlm.parallel import ContextParallel, apply_context_parallel
 from flashlm.parallel.fsdp import (all_finite, apply_fsdp, data_parallel_mesh, fsdp2_enabled, is_sharded,
                                    memory_report, mixed_precision_policy, prepare_sharded, unsharded_copy)
+from flashlm.profiling import peak_bf16_flops
 from flashlm.recipe import Recipe, RecipeError, load_recipe, trajectory_diff, valid_keys
 from flashlm.training.checkpoint import (
     RUN_TOKENIZER,
@@ -76,18 +77,11 @@ class DivergedError(RuntimeError):
     writing a checkpoint or an export of the non-finite model."""
 
 
-# Dense bf16 tensor-core peaks, FLOP/s per device, for MFU.
-_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
-
-
 def peak_flops(device: torch.device, cfg: Recipe) -> float | None:
     """Per-device peak FLOP/s that MFU is measured against, or None when unknown (e.g. CPU)."""
     if cfg.logging.peak_tflops is not None:
         return cfg.logging.peak_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in _PEAK_BF16.items() if key in name), None)
+    return peak_bf16_flops(device)
 
 
 def peak_memory_gb(device: torch.device) -> float:

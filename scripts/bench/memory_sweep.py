@@ -37,6 +37,13 @@ after the warm-up one(s). Rows:
                      and the row records the plan and its predicted peak beside the measured one
   --compile compiles the decoder blocks of every flashlm row (flashlm.model.compile).
 
+On a GPU with a known bf16 peak each measurement also gets its MFU (`GPT.flops_per_token` of
+the preset, the same for every row, recomputation not counted). ``--profile-steps N`` profiles
+N more steps after the timed ones (torch.profiler) and tabulates where a step's time goes: the
+kernels' time by category (attention, matmul, loss, norm, rope, activation, optimizer, compiled,
+copy, elementwise), next to the step time and the time the device was busy at all, whose
+difference is the device waiting on the host.
+
 An out-of-memory is recorded and ends that row (longer contexts are skipped), as does the row
 time cap; ``--time-budget`` skips whatever would not finish in time, so a run always ends with
 a complete file. The order puts what a tight budget should keep first: the two flashlm rows
@@ -74,7 +81,7 @@ from provenance import add_commit_argument, describe, environment, write_report 
 from flashlm import GPT, GPTConfig
 from flashlm.model.compile import compile_blocks
 from flashlm.model.plan import plan_for_training
-from flashlm.profiling import LiveTensorBytes
+from flashlm.profiling import KERNEL_CATEGORIES, LiveTensorBytes, peak_bf16_flops, time_breakdown
 
 K = 1024
 DEFAULT_CONTEXTS = [4 * K, 8 * K, 16 * K, 32 * K, 64 * K, 128 * K, 256 * K, 512 * K]
@@ -309,11 +316,27 @@ def measure(model, loss_fn, optimizer, context, args, device, deadline, budget_b
                   peak_gib=meter.peak / 2**30)
     if timed:
         result.update(step_s=elapsed / timed, tokens_per_s=tokens * timed / elapsed)
+        if args.profile_steps and time.perf_counter() + args.profile_steps * 2 * per_step < deadline:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            with torch.profiler.profile(activities=activities) as profile:
+                for _ in range(args.profile_steps):
+                    step()
+                sync()
+            result["profile"] = time_breakdown(profile, args.profile_steps)
     if device.type == "cuda":
         result["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         if hasattr(torch.cuda, "host_memory_stats"):  # pinned host memory held, offload buffers included
             result["host_pinned_gib"] = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) / 2**30
     return result
+
+
+def flops_per_token(preset, context):
+    """Model FLOPs per training token of ``preset`` at ``context`` (`GPT.flops_per_token`): the same
+    for every row, as the Hugging Face rows have the preset's shape. No recomputation counted."""
+    with torch.device("meta"):
+        return GPT(GPTConfig.from_preset(preset, max_position_embeddings=context)).flops_per_token(context)
 
 
 def free(device):
@@ -372,6 +395,7 @@ def run(args, record):
     row_seconds = {}  # (preset, row) -> seconds spent measuring it
     history = {}  # (preset, row) -> (seconds, context) of its last measurement
     peaks = {}  # (preset, row, context) -> measured peak GiB, for --budget ROW
+    peak_flops = peak_bf16_flops(device)
 
     def out_of_time(key, context):
         """Why ``context`` is not started for ``key`` (None: it is)."""
@@ -415,6 +439,8 @@ def run(args, record):
                 fields = measure(model, loss_fn, optimizer, context, args, device, deadline,
                                  reference_budget_bytes(args.budget, peaks, preset, context))
                 peaks[(preset, row, context)] = fields["peak_gib"]
+                if fields.get("tokens_per_s") and peak_flops:
+                    fields["mfu"] = flops_per_token(preset, context) * fields["tokens_per_s"] / peak_flops
             except Exception as e:  # noqa: BLE001 - one row's failure must not end the sweep
                 status = "oom" if is_oom(e) else "error"
                 failure = status, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
@@ -492,6 +518,14 @@ def markdown(data):
                     else:
                         cells.append("-")
                 lines.append("| " + " | ".join(cells) + " |")
+        if any(r.get("mfu") for r in mine):
+            header = ["context", *rows]
+            lines += ["", "MFU (model FLOPs, no recomputation counted, over the GPU's dense bf16 peak):", "",
+                      "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            for c in contexts:
+                lines.append("| " + " | ".join([tokens(c)] + [_cell(by.get((r, c)), "mfu", lambda x: f"{x:.0%}")
+                                                              for r in rows]) + " |")
+        lines += profile_table([r for r in mine if r.get("profile")])
         notes = {}
         for r in mine:
             if r["status"] in ("oom", "error"):
@@ -504,6 +538,24 @@ def markdown(data):
             lines += ["", "Notes: " + "; ".join(notes) + "."]
         lines.append("")
     return "\n".join(lines)
+
+
+def profile_table(profiled):
+    """Markdown lines: where each profiled measurement's step time goes, by kernel category."""
+    if not profiled:
+        return []
+    order = [c for c, _ in KERNEL_CATEGORIES] + ["other"]
+    seen = [c for c in order if any(c in r["profile"]["category_ms"] for r in profiled)]
+    header = ["row", "context", "step", "device busy", *seen]
+    lines = ["", f"where the time goes, ms per step ({profiled[0]['profile']['source']}, "
+             "profiled steps after the timed ones; busy: the union of the kernels' intervals):", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in profiled:
+        prof = r["profile"]
+        cells = [r["row"], tokens(r["context"]), f"{r['step_s'] * 1e3:.0f}", f"{prof['busy_ms']:.0f}"]
+        cells += [f"{prof['category_ms'][c]:.1f}" if c in prof["category_ms"] else "-" for c in seen]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(data, path):
@@ -614,6 +666,9 @@ def parse_args(argv=None):
     p.add_argument("--tokens-per-step", type=int, default=32 * K)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per context (compilation, autotuning)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per context")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after the timed steps, profile this many more (torch.profiler) and report where "
+                        "their time goes by kernel category (0: no profile)")
     p.add_argument("--slow-step", type=float, default=8.0,
                    help="time a single step when a warm-up step took longer than this many seconds")
     p.add_argument("--row-time-cap", type=float, default=300.0,
