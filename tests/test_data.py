@@ -319,11 +319,11 @@ def test_retrieval_is_planted_in_one_document_of_a_share_of_training_blocks(tok,
         edges = list(np.flatnonzero(starts | (np.arange(512) == 0))) + [512]
         lo, hi = max(zip(edges, edges[1:]), key=lambda e: e[1] - e[0])
         segment = tok.decode(mixed.train.blocks[r, lo:hi].tolist())
-        question = re.search(r'\nassert _fact_([a-z0-9]{5}) == "([0-9a-f]{6})"\n$', segment)
+        question = re.search(r'\n_fact_([a-z0-9]{5}) = "([0-9a-f]{6})"\n$', segment)
         assert question, segment[-80:]
         name, value = question.groups()
         assert not value.isdigit()  # the evaluation's values are decimal numbers
-        facts = re.findall(r'\n_fact_([a-z0-9]{5}) = "([0-9a-f]{6})"\n', segment)
+        facts = re.findall(r'\n_fact_([a-z0-9]{5}) = "([0-9a-f]{6})"\n', segment[:question.start() + 1])
         assert 1 <= len(facts) <= 4 and (name, value) in facts and len({f[0] for f in facts}) == len(facts)
         # outside the longest segment, nothing changed
         outside = np.ones(512, bool)

@@ -6,7 +6,13 @@ document, so document masking never hides the fact from its question), one to fo
 random depths and, at the segment's end, a question about one of them followed by its answer::
 
     ..._fact_q7k2x = "3fa90c"...          (anywhere in the segment, overwriting its tokens)
-    ...assert _fact_q7k2x == "3fa90c"     (the segment's last tokens)
+    ..._fact_q7k2x = "3fa90c"             (the segment's last tokens)
+
+The question repeats the start of its fact's line, so answering it is continuing the earlier
+line that begins the same way: the skill a passkey or multi-key prompt tests (find where the
+query was said before and read on), with the name as the only part that tells the facts
+apart. An earlier form asked ``assert _fact_q7k2x == "``, which matches its fact on the name
+alone and then has to skip the differing ``==``: one step more to learn, and not the skill.
 
 The format is Python-like, matching the code corpus, and unlike the evaluation's prompts in
 everything but the task: English sentences there, assignments here; decimal numbers there,
@@ -24,7 +30,7 @@ import string
 import numpy as np
 
 FACT = '\n_fact_{name} = "{value}"\n'
-QUESTION = "\nassert _fact_{name} == \""
+QUESTION = "\n_fact_{name} = \""
 ANSWER = '{value}"\n'
 MAX_FACTS = 4
 _NAME_CHARS = string.ascii_lowercase + string.digits
