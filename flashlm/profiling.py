@@ -95,12 +95,24 @@ def time_breakdown(profile, steps: int, top: int = 12) -> dict:
     kernels' intervals, so overlapping streams count once) and the ``top`` kernels by time.
     With CUDA in the profile the kernels are the device events; on a CPU, the operators' own
     time stands in for them (busy time is then their sum)."""
-    events = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # Device events are the kernels, copies and fills; the ranges record_function draws on the
+    # GPU's timeline (Optimizer.step, say) are annotations that span other kernels: left out.
+    events = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA
+              and not getattr(e, "is_user_annotation", False)]
+    averages = profile.key_averages()
     if events:
+        source = "cuda kernels"
         spans = [(e.name, e.time_range.end - e.time_range.start, 1) for e in events]
         busy_us = _union_us([(e.time_range.start, e.time_range.end) for e in events])
+    elif any(getattr(e, "self_device_time_total", 0) > 0 for e in averages):
+        # Kernels not listed as events of their own (a profiler version that only attributes
+        # them): each operator's own device time.
+        source = "cuda time by operator"
+        spans = [(e.key, e.self_device_time_total, e.count) for e in averages if e.self_device_time_total > 0]
+        busy_us = sum(us for _, us, _ in spans)
     else:
-        spans = [(e.key, e.self_cpu_time_total, e.count) for e in profile.key_averages() if e.self_cpu_time_total > 0]
+        source = "cpu operators"
+        spans = [(e.key, e.self_cpu_time_total, e.count) for e in averages if e.self_cpu_time_total > 0]
         busy_us = sum(us for _, us, _ in spans)
     by_category, by_name = {}, {}
     for name, us, count in spans:
@@ -110,7 +122,7 @@ def time_breakdown(profile, steps: int, top: int = 12) -> dict:
         by_name[name] = (total + us, calls + count)
     ms = 1e-3 / steps
     heaviest = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
-    return {"steps": steps, "source": "cuda kernels" if events else "cpu operators",
+    return {"steps": steps, "source": source,
             "busy_ms": busy_us * ms,
             "category_ms": {c: t * ms for c, t in sorted(by_category.items(), key=lambda item: -item[1])},
             "top": [{"name": name[:120], "category": kernel_category(name), "ms": t * ms, "calls": n / steps}
