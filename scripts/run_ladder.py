@@ -302,8 +302,8 @@ def stage_row(stage, args):
         row["eval_seconds"] = lc["seconds"]
         row["rope_theta"] = lc["after"]["rope_theta"]
         for role in ("after", "before"):
-            keys = ("model", "rope_theta", "loss_by_position", "passkey", "multikey")
-            row[role] = lc[role] and {k: lc[role][k] for k in keys}
+            keys = ("model", "rope_theta", "loss_by_position", "passkey", "multikey", "in_format")
+            row[role] = lc[role] and {k: lc[role][k] for k in keys if k in lc[role]}
     return row
 
 
@@ -333,14 +333,15 @@ def markdown(ladder):
     rows = ladder["stages"]
     lines = ([] if ladder["finished"] else ["**Unfinished**: the ladder stopped at its time limit.", ""]) + [
         "| stage | context | rope_theta | steps | tokens seen | tokens/s | peak GB | held-out loss (start -> end) | "
-        "loss, first / last bucket | passkey at context, before -> after | multi-key at context, before -> after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|"]
+        "loss, first / last bucket | passkey at context, before -> after | multi-key at context, before -> after | "
+        "training format at context, before -> after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         key = str(r["seq_len"])
         after, before = r.get("after"), r.get("before")
 
         def at_context(role, task):
-            return "-" if role is None else f"{role[task]['by_length'][key]:.0%}"
+            return "-" if role is None or task not in role else f"{role[task]['by_length'][key]:.0%}"
 
         ends = "-"
         if after:
@@ -351,7 +352,8 @@ def markdown(ladder):
                      f"{fmt(r.get('peak_mem_gb'), '.1f')} | {fmt(r.get('eval_loss_start'), '.3f')} -> "
                      f"{fmt(r.get('eval_loss'), '.3f')} | {ends} | {at_context(before, 'passkey')} -> "
                      f"{at_context(after, 'passkey')} | {at_context(before, 'multikey')} -> "
-                     f"{at_context(after, 'multikey')} |")
+                     f"{at_context(after, 'multikey')} | {at_context(before, 'in_format')} -> "
+                     f"{at_context(after, 'in_format')} |")
     evaluated = [r for r in rows if r.get("after")]
     if evaluated:
         lengths = evaluated[-1]["after"]["passkey"]["lengths"]

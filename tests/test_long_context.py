@@ -140,6 +140,13 @@ def test_retrieval_prompt_layouts():
     assert dict(stored)[name] == tokenizer.decode(answer).strip()
     # The same seed gives the same prompt: the model before a stage reads what the one after reads.
     assert torch.equal(ev.multikey_prompt(tokenizer, haystack, random.Random(2), 800, 0.5, keys=4)[0], ids)
+    # The training mix's format: the facts, and the asked-for one's line begun again at the end.
+    ids, start, answer = ev.in_format_prompt(tokenizer, haystack, random.Random(3), 700, 0.25, keys=3)
+    text = tokenizer.decode(ids)
+    facts = re.findall(r'\n_fact_([a-z0-9]{5}) = "([0-9a-f]{6})"\n', text[:-40])
+    name, value = re.search(r'\n_fact_([a-z0-9]{5}) = "([0-9a-f]{6})"\n$', text).groups()
+    assert len(ids) == 700 and len(facts) == 3 and (name, value) in facts
+    assert tokenizer.decode(answer) == f'{value}"\n' and text.index(f"_fact_{name}") < len(text) // 2
 
     class Oracle(ev.Runner):
         """A 'model' whose hidden state at p is the one-hot of token p + shift: shift 1 always
@@ -155,7 +162,8 @@ def test_retrieval_prompt_layouts():
 
     prompts = [ev.passkey_prompt(tokenizer, haystack, random.Random(t), 300, t / 4) for t in range(5)]
     prompts += [ev.multikey_prompt(tokenizer, haystack, random.Random(t), 300, 0.5, keys=3) for t in range(5)]
-    assert ev.score(Oracle(1), prompts, batch_tokens=900) == (10, 10)
+    prompts += [ev.in_format_prompt(tokenizer, haystack, random.Random(t), 300, 0.5, keys=2) for t in range(5)]
+    assert ev.score(Oracle(1), prompts, batch_tokens=900) == (15, 15)
     assert ev.score(Oracle(0), prompts, batch_tokens=900)[0] == 0
 
 
@@ -178,6 +186,7 @@ def test_eval_reports_loss_passkey_grid_multikey_and_before(tiny_hf_model, tmp_p
     assert grid["depths"] == [0.0, 0.5, 1.0] and sorted(grid["accuracy"]) == ["128", "256"]
     assert all(len(row) == 3 and all(0 <= a <= 1 for a in row) for row in grid["accuracy"].values())
     assert sorted(after["multikey"]["by_length"]) == ["128", "256"] and after["multikey"]["keys"] == 2
+    assert sorted(after["in_format"]["by_length"]) == ["128", "256"] and after["in_format"]["trials"] == 2
     # The same model "before": the same prompts and windows give the same numbers.
     assert before["passkey"]["lengths"] == [256] and before["loss_by_position"] == after["loss_by_position"]
     assert before["passkey"]["accuracy"]["256"] == grid["accuracy"]["256"]
@@ -186,7 +195,7 @@ def test_eval_reports_loss_passkey_grid_multikey_and_before(tiny_hf_model, tmp_p
     # Finished cells are kept: past its deadline the evaluation computes nothing new and stops at the
     # first cell it lacks; the cells it has make the same report.
     cells = json.loads(out.with_name(out.name + ".partial.json").read_text())["cells"]
-    assert "after/passkey/256/2" in cells and "before/multikey/256" in cells
+    assert "after/passkey/256/2" in cells and "before/multikey/256" in cells and "after/in_format/128" in cells
     args = ev.parse_args(argv)
     args.deadline = 0.0
     assert ev.main(args)["after"] == after

@@ -43,9 +43,9 @@ def longest_segment(starts: np.ndarray) -> tuple[int, int]:
     return int(edges[i]), int(edges[i + 1])
 
 
-def _fact_texts(rng: np.random.Generator, n_facts: int) -> tuple[list[str], str]:
-    """(the facts, the question with its answer) for ``n_facts`` distinct names; the question
-    asks for the first."""
+def fact_fields(rng: np.random.Generator, n_facts: int) -> tuple[list[str], list[str]]:
+    """(names, values) of ``n_facts`` facts: distinct names of five letters and digits, values of
+    six hex digits with at least one letter."""
     names: list[str] = []
     while len(names) < n_facts:
         name = "".join(rng.choice(list(_NAME_CHARS), 5))
@@ -56,6 +56,13 @@ def _fact_texts(rng: np.random.Generator, n_facts: int) -> tuple[list[str], str]
         value = "".join(rng.choice(list("0123456789abcdef"), 6))
         if not value.isdigit():
             values.append(value)
+    return names, values
+
+
+def _fact_texts(rng: np.random.Generator, n_facts: int) -> tuple[list[str], str]:
+    """(the facts, the question with its answer) for ``n_facts`` facts; the question asks for
+    the first."""
+    names, values = fact_fields(rng, n_facts)
     facts = [FACT.format(name=n, value=v) for n, v in zip(names, values)]
     return facts, QUESTION.format(name=names[0]) + ANSWER.format(value=values[0])
 

@@ -20,13 +20,22 @@ them, whose needle sits at depths spread evenly over the trials::
     <intro> <text> The number stored under cobalt is 804113. <text> The number stored under
     falcon is 271906. <text> ... Which number is stored under falcon? It is 271906
 
+**In the training format** (a diagnostic, not a held-out task: ``--multikey-keys`` facts and
+``--multikey-trials`` trials per length, as multi-key). The ladder's synthetic retrieval
+(``flashlm.data.retrieval``), planted in held-out text: facts such as ``_fact_q7k2x = "3fa90c"``
+at random depths and, at the end, one of those lines begun again. When passkey fails, this
+tells a model that never learned to retrieve from one that learned it in its training format
+only::
+
+    <text> _fact_q7k2x = "3fa90c" <text> _fact_m0c4e = "b3f0a1" <text> _fact_q7k2x = "3fa90c"
+
 Every prompt is exactly the length of its cell. A trial is correct when the argmax at every
 answer position is the answer token: what greedy decoding would produce, without the decoding
 loop. Keys, values, names and haystack offsets come from a generator seeded by (``--seed``,
 task, length, depth, trial), so the ``--before`` model reads the very same prompts. Haystacks
 are held-out text without its end-of-document tokens, taken from one document when one is long
-enough. Nothing of these formats is in flashlm's training data: the ladder trains on source
-code only, and the evaluation's documents are packages the training never saw.
+enough. Nothing of the passkey and multi-key formats is in flashlm's training data: the ladder
+trains on source code only, and the evaluation's documents are packages the training never saw.
 
 Held-out documents: ``--data`` (jsonl with a "text" field, or text files, tokenized as training
 tokenizes them, through the token cache), or by default the documents the run held out (its
@@ -309,6 +318,21 @@ def multikey_prompt(tokenizer, haystack, rng, seq_len, depth, keys):
                             {"name": names[0], "value": values[0]})
 
 
+def in_format_prompt(tokenizer, haystack, rng, seq_len, depth, keys):
+    """The training mix's retrieval (`flashlm.data.retrieval`) in held-out text: ``keys`` facts,
+    the one asked for at ``depth``, the question begun at the end."""
+    import numpy as np
+
+    from flashlm.data.retrieval import ANSWER, FACT, QUESTION, fact_fields
+
+    names, values = fact_fields(np.random.default_rng(rng.getrandbits(64)), keys)
+    depths = [depth] + [rng.random() for _ in names[1:]]
+    needles = [({"name": n, "value": v}, d) for n, v, d in zip(names, values, depths)]
+    fmt = {"intro": "", "needle": FACT, "question": QUESTION, "answer": ANSWER}
+    return retrieval_prompt(tokenizer, lambda n: haystack.take(rng, n), seq_len, fmt, needles,
+                            {"name": names[0], "value": values[0]})
+
+
 def score(runner, prompts, batch_tokens):
     """(correct, answer tokens right) over ``prompts`` (ids, answer start, answer), batched to
     about ``batch_tokens`` tokens a forward pass."""
@@ -364,17 +388,18 @@ def evaluate(role, runner, tokenizer, docs, haystack, lengths, cells, args):
     report["passkey"] = {"lengths": lengths, "depths": depths(args.depths), "trials": args.trials,
                          "accuracy": grid, "answer_token_accuracy": tokens,
                          "by_length": {k: sum(v) / len(v) for k, v in grid.items()}}
-    multikey = {}
-    for length in lengths:
-        def cell(length=length):
-            prompts = [multikey_prompt(tokenizer, haystack, random.Random(f"{args.seed}/multikey/{length}/{t}"),
-                                       length, depth, args.multikey_keys)
-                       for t, depth in enumerate(depths(args.multikey_trials))]
-            correct, right = score(runner, prompts, args.batch_tokens)
-            return {"correct": correct, "answer_tokens": right, "trials": args.multikey_trials}
-        result = cells.get(f"{role}/multikey/{length}", cell)
-        multikey[str(length)] = result["correct"] / result["trials"]
-    report["multikey"] = {"keys": args.multikey_keys, "trials": args.multikey_trials, "by_length": multikey}
+    for task, make in (("multikey", multikey_prompt), ("in_format", in_format_prompt)):
+        by_length = {}
+        for length in lengths:
+            def cell(length=length, task=task, make=make):
+                prompts = [make(tokenizer, haystack, random.Random(f"{args.seed}/{task}/{length}/{t}"),
+                                length, depth, args.multikey_keys)
+                           for t, depth in enumerate(depths(args.multikey_trials))]
+                correct, right = score(runner, prompts, args.batch_tokens)
+                return {"correct": correct, "answer_tokens": right, "trials": args.multikey_trials}
+            result = cells.get(f"{role}/{task}/{length}", cell)
+            by_length[str(length)] = result["correct"] / result["trials"]
+        report[task] = {"keys": args.multikey_keys, "trials": args.multikey_trials, "by_length": by_length}
     return report
 
 
@@ -445,7 +470,8 @@ def percent(x):
 
 
 def summary(report):
-    """Markdown: loss by position, the passkey grid and multi-key accuracy, before and after."""
+    """Markdown: loss by position, the passkey grid, multi-key and training-format accuracy, before
+    and after."""
     roles = [r for r in ("before", "after") if report[r]]
     lines = [f"Long-context evaluation of {report['model']}"
              + (f" (before: {report['before_model']})" if report["before_model"] else "")
@@ -459,12 +485,13 @@ def summary(report):
     for r in roles:
         p = report[r]["passkey"]
         lines += ["", f"Passkey accuracy, {r} ({p['trials']} trials a cell; rows: length, columns: depth):", "",
-                  "| length | " + " | ".join(f"{d:.2f}" for d in p["depths"]) + " | all | multi-key |",
-                  "|---|" + "---|" * (len(p["depths"]) + 2)]
+                  "| length | " + " | ".join(f"{d:.2f}" for d in p["depths"])
+                  + " | all | multi-key | training format |", "|---|" + "---|" * (len(p["depths"]) + 3)]
         for length in p["lengths"]:
             row = " | ".join(percent(a) for a in p["accuracy"][str(length)])
             lines.append(f"| {length} | {row} | {percent(p['by_length'][str(length)])} | "
-                         f"{percent(report[r]['multikey']['by_length'][str(length)])} |")
+                         f"{percent(report[r]['multikey']['by_length'][str(length)])} | "
+                         f"{percent(report[r]['in_format']['by_length'][str(length)])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -539,8 +566,8 @@ def parse_args(argv=None):
     p.add_argument("--first-bucket", type=int, default=256, help="end of the first position bucket")
     p.add_argument("--depths", type=int, default=10, help="needle depths, evenly spread over 0..1")
     p.add_argument("--trials", type=int, default=20, help="passkey trials per (length, depth)")
-    p.add_argument("--multikey-keys", type=int, default=4, help="needles in a multi-key prompt")
-    p.add_argument("--multikey-trials", type=int, default=20, help="multi-key trials per length")
+    p.add_argument("--multikey-keys", type=int, default=4, help="needles in a multi-key (and a training-format) prompt")
+    p.add_argument("--multikey-trials", type=int, default=20, help="multi-key (and training-format) trials per length")
     p.add_argument("--batch-tokens", type=int, default=65536, help="tokens per forward pass for short prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="default: cuda when available")
