@@ -224,10 +224,10 @@ def estimate(stages):
         rate *= reference.flops_per_token(seq_len) / model.flops_per_token(seq_len)
         tokens = r.training.steps * stage["tokens_per_step"]
         forward = [model.flops_per_token(length) / 3 * length for length in stage["lengths"]]
-        # Per length: depths x trials passkey prompts and the multi-key prompts; the loss windows;
-        # the model before the stage at the new length.
-        evals = (sum(forward) * (10 * 20 + 20) + forward[-1] * (8 + 10 * 20 + 20 + (8 if stage["before"] else 0))
-                 ) / EVAL_FLOPS
+        # Per length: depths x trials passkey prompts, the multi-key and training-format prompts;
+        # the loss windows; the model before the stage at the new length.
+        evals = (sum(forward) * (10 * 20 + 2 * 20)
+                 + forward[-1] * (8 + 10 * 20 + 2 * 20 + (8 if stage["before"] else 0))) / EVAL_FLOPS
         rows.append({"stage": stage["name"], "tokens": tokens, "train_s": tokens / rate + STAGE_OVERHEAD_S,
                      "eval_s": evals})
     return rows
