@@ -636,6 +636,23 @@ def test_cpu_tensors_rejected_without_interpreter(monkeypatch):
         flash_attn_func(q, q, q)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="the autotuned kernels run on a GPU")
+def test_tuned_launches_repeat_exactly_gpu(monkeypatch):
+    """The first call of a tuned shape goes through the autotuner, the next launches its choice
+    directly (`flash_attn._CHOSEN`): same output and gradients, bit for bit. A window keeps the
+    forward on the Triton kernel (the Gluon one takes no window), so all three kernels are tuned."""
+    monkeypatch.setattr(fa, "_CHOSEN", {"fwd": {}, "dkdv": {}, "dq": {}})
+    q, k, v, dout = _inputs(21, 2, 4096, 4096, 8, 2, 64, torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = flash_attn_func(*leaves, causal=True, window_size=(1000, 0), deterministic=True)
+        runs.append((out, *torch.autograd.grad(out, leaves, dout)))
+    assert all(len(chosen) == 1 for chosen in fa._CHOSEN.values()), fa._CHOSEN
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="long sequences need a GPU")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("seqlen", [3001, 16384, 32768, 65536], ids=lambda s: f"s{s}")
