@@ -9,10 +9,10 @@ random depths and, at the segment's end, a question about one of them followed b
     ..._fact_q7k2x = "3fa90c"             (the segment's last tokens)
 
 The question repeats the start of its fact's line, so answering it is continuing the earlier
-line that begins the same way: the skill a passkey or multi-key prompt tests (find where the
-query was said before and read on), with the name as the only part that tells the facts
-apart. An earlier form asked ``assert _fact_q7k2x == "``, which matches its fact on the name
-alone and then has to skip the differing ``==``: one step more to learn, and not the skill.
+line that begins the same way, as a passkey or multi-key prompt asks (find where the query was
+said before and read on), with the name as the only part that tells the facts apart. An earlier
+form asked ``assert _fact_q7k2x == "``. At 1/16 scale on the CPU both forms were learned
+equally well and neither carried over to passkey (results/ladder/experiments/tiny_retrieval_mix.md).
 
 The format is Python-like, matching the code corpus, and unlike the evaluation's prompts in
 everything but the task: English sentences there, assignments here; decimal numbers there,
