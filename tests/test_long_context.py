@@ -286,6 +286,15 @@ def test_memory_sweep_budget_is_a_number_or_a_reference_rows_peak():
     assert sweep.numeric_budget("hf_liger") == 0.9 and sweep.numeric_budget(17.3) == 17.3
 
 
+def test_memory_sweep_profile_steps_must_be_a_count(capsys):
+    sweep = load_script("bench/memory_sweep")
+    assert sweep.parse_args(["--profile-steps", "2"]).profile_steps == 2
+    for bad in ("-1", "two"):
+        with pytest.raises(SystemExit):
+            sweep.parse_args(["--profile-steps", bad])
+        assert f"'{bad}': expected a whole number of steps" in capsys.readouterr().err
+
+
 def test_memory_sweep_undoes_liger_patches(monkeypatch):
     """The plain HF row must not run liger's kernels: whatever apply_liger_kernel_to_llama
     patches in transformers' Llama module (module names, class methods) is restored."""

@@ -653,6 +653,17 @@ def budget_arg(text):
     return value
 
 
+def non_negative_int(text):
+    """``--profile-steps``: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of steps, 0 or more")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", nargs="+", default=["100m"], help="model presets, run in this order")
@@ -666,7 +677,7 @@ def parse_args(argv=None):
     p.add_argument("--tokens-per-step", type=int, default=32 * K)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per context (compilation, autotuning)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per context")
-    p.add_argument("--profile-steps", type=int, default=0,
+    p.add_argument("--profile-steps", type=non_negative_int, default=0,
                    help="after the timed steps, profile this many more (torch.profiler) and report where "
                         "their time goes by kernel category (0: no profile)")
     p.add_argument("--slow-step", type=float, default=8.0,
