@@ -26,6 +26,7 @@ from flashlm.data import (
 )
 from flashlm.data.loader import EvalLoader, TrainLoader
 from flashlm.data.packing import PackedSplit, pack
+from flashlm.data.retrieval import SPAN_TOKENS, _copy_spans, longest_segment
 from flashlm.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -331,6 +332,52 @@ def test_retrieval_is_planted_in_one_document_of_a_share_of_training_blocks(tok,
         assert np.array_equal(mixed.train.blocks[r][outside], plain.train.blocks[r][outside])
 
 
+def test_span_copies_repeat_earlier_text_of_the_same_document(tok, tmp_path):
+    """retrieval_kind: spans changes a share of training blocks only inside their longest
+    segment; the held-out split is untouched and the same seed copies the same spans."""
+    path = write_jsonl(tmp_path / "c.jsonl", make_docs(seed=4, n=60, max_words=400))
+    plain = prepare_data(config(path, tmp_path, eval_docs=5), tok, seq_len=512)
+    spans = config(path, tmp_path, eval_docs=5, retrieval_share=0.5, retrieval_kind="spans")
+    mixed, again = prepare_data(spans, tok, seq_len=512), prepare_data(spans, tok, seq_len=512)
+    assert np.array_equal(mixed.train.blocks, again.train.blocks)
+    assert np.array_equal(mixed.eval.blocks, plain.eval.blocks)
+    changed = [r for r in range(len(plain.train)) if not np.array_equal(mixed.train.blocks[r], plain.train.blocks[r])]
+    assert 0 < len(changed) == mixed.train.retrieval_blocks <= round(0.5 * len(plain.train))
+    for r in changed:
+        lo, hi = longest_segment(mixed.train.starts[r])
+        diff = np.flatnonzero(mixed.train.blocks[r] != plain.train.blocks[r])
+        assert lo <= diff.min() and diff.max() < hi
+
+
+def test_each_copied_span_equals_an_intact_earlier_span():
+    """On a block of distinct tokens every overwritten run is a copy: the run equals a span of
+    16 to 48 consecutive original tokens that ends before the run starts and is itself intact."""
+    rng = np.random.default_rng(0)
+    lengths, counts = set(), set()
+    for trial in range(200):
+        lo, hi = int(rng.integers(0, 50)), int(rng.integers(300, 2000))
+        block = np.arange(2100)
+        assert _copy_spans(block, lo, hi, rng) == (np.any(block != np.arange(2100)))
+        changed = np.flatnonzero(block != np.arange(2100))
+        assert changed.size == 0 or (lo <= changed.min() and changed.max() < hi)
+        runs = np.split(changed, np.flatnonzero(np.diff(changed) > 1) + 1) if changed.size else []
+        # runs of copies may touch each other; split them where the copied values stop being consecutive
+        pieces = []
+        for run in runs:
+            values = block[run]
+            cuts = np.flatnonzero(np.diff(values) != 1) + 1
+            pieces += np.split(run, cuts)
+        for piece in pieces:
+            src = block[piece[0]]
+            n = len(piece)
+            assert SPAN_TOKENS[0] <= n <= SPAN_TOKENS[1], n
+            assert lo <= src and src + n <= piece[0]  # the source is earlier, in the segment
+            assert np.array_equal(block[src:src + n], np.arange(src, src + n))  # and intact
+            lengths.add(n)
+        counts.add(len(pieces))
+    assert len(lengths) > 10 and counts >= {1, 2, 3, 4}
+
+
 def test_retrieval_share_is_for_plain_text_only(tmp_path):
     with pytest.raises(RecipeError, match="data.retrieval_share=0.1 is invalid: applies to kind: text"):
         DataConfig(path="x", tokenizer="y", streaming=True, eval_docs=1, retrieval_share=0.1)
@@ -522,7 +569,7 @@ def test_text_that_is_not_utf8_names_the_file(tok, tmp_path):
 @pytest.mark.parametrize(
     "field,value",
     [("eval_fraction", 1.5), ("eval_docs", -1), ("format", "csv"), ("sample_by", "word"), ("num_proc", 0),
-     ("retrieval_share", 1.5)],
+     ("retrieval_share", 1.5), ("retrieval_kind", "needles")],
 )
 def test_config_errors_name_field_and_value(field, value):
     with pytest.raises(RecipeError, match=f"data.{field}={value!r} is invalid"):

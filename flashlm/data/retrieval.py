@@ -19,8 +19,14 @@ everything but the task: English sentences there, assignments here; decimal numb
 hexadecimal strings with a letter here; names from a word list there, random letters and digits here. So the
 evaluation measures retrieval the model learned, not the template it memorized.
 
+``data.retrieval_kind: spans`` plants no template at all: it copies one to four random spans of
+the segment (16 to 48 tokens each) to random later places in it, over the text there. Predicting
+a copy past its first tokens means finding where the text now being read appeared before and
+reading on from there: the skill every retrieval prompt asks for, taught on the corpus's own
+text, at every distance the block allows, with nothing to memorize.
+
 Planting happens after packing and touches the training split only; the held-out split is never
-changed. The same seed plants the same facts in the same blocks.
+changed. The same seed plants the same facts (or spans) in the same blocks.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ FACT = '\n_fact_{name} = "{value}"\n'
 QUESTION = "\n_fact_{name} = \""
 ANSWER = '{value}"\n'
 MAX_FACTS = 4
+KINDS = ("facts", "spans")
+SPAN_TOKENS = (16, 48)  # a copied span's length, inclusive
+MAX_SPANS = 4
 _NAME_CHARS = string.ascii_lowercase + string.digits
 
 
@@ -67,14 +76,19 @@ def _fact_texts(rng: np.random.Generator, n_facts: int) -> tuple[list[str], str]
     return facts, QUESTION.format(name=names[0]) + ANSWER.format(value=values[0])
 
 
-def plant_retrieval(blocks: np.ndarray, starts: np.ndarray, tokenizer, share: float, seed: int) -> int:
-    """Plant facts and a question (see the module docstring) in ``round(share * len(blocks))``
-    seeded blocks, in place. Returns the number of blocks planted; a block whose longest
-    segment cannot hold its facts and question with room to spare is skipped."""
+def plant_retrieval(blocks: np.ndarray, starts: np.ndarray, tokenizer, share: float, seed: int,
+                    kind: str = "facts") -> int:
+    """Plant facts and a question, or span copies (``kind``, see the module docstring), in
+    ``round(share * len(blocks))`` seeded blocks, in place. Returns the number of blocks planted;
+    a block whose longest segment cannot hold them with room to spare is skipped."""
+    if kind not in KINDS:
+        raise ValueError(f"retrieval kind {kind!r} must be one of {KINDS}")
     if share <= 0 or len(blocks) == 0:
         return 0
     rng = np.random.default_rng([seed, 7])
     chosen = rng.choice(len(blocks), size=round(share * len(blocks)), replace=False)
+    if kind == "spans":
+        return sum(_copy_spans(blocks[row], *longest_segment(starts[row]), rng) for row in np.sort(chosen))
 
     def encode(text):
         return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=blocks.dtype)
@@ -93,6 +107,22 @@ def plant_retrieval(blocks: np.ndarray, starts: np.ndarray, tokenizer, share: fl
             blocks[row, lo + ids:lo + ids + len(fact_ids[i])] = fact_ids[i]
         planted += 1
     return planted
+
+
+def _copy_spans(block: np.ndarray, lo: int, hi: int, rng: np.random.Generator) -> bool:
+    """Copy 1 to ``MAX_SPANS`` random spans of ``block[lo:hi]`` each to a random later place in
+    it, in place; sources and copies never overlap, so every copy equals its source afterwards.
+    False (nothing changed) when the segment is shorter than four times a span."""
+    length = int(rng.integers(SPAN_TOKENS[0], SPAN_TOKENS[1] + 1))
+    n = min(int(rng.integers(1, MAX_SPANS + 1)), (hi - lo) // (4 * length))
+    if n == 0:
+        return False
+    places = sorted(_spread(rng, hi - lo, [length] * (2 * n)))
+    pairs = rng.permutation(2 * n).reshape(n, 2)  # any two places; the earlier is the source
+    for a, b in pairs:
+        src, dst = lo + places[min(a, b)], lo + places[max(a, b)]
+        block[dst:dst + length] = block[src:src + length]
+    return True
 
 
 def _spread(rng: np.random.Generator, room: int, lengths: list[int]) -> list[int]:
