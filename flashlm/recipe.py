@@ -83,9 +83,10 @@ class DataConfig:
     min_doc_tokens: int = 0
     # The share of training blocks given a synthetic long-range retrieval (flashlm.data.retrieval):
     # facts at random depths in a document and a question about one of them at its end
-    # (retrieval_kind: facts), or copies of random spans of it later in it (retrieval_kind: spans).
+    # (retrieval_kind: facts), or copies of random spans of it later in it (retrieval_kind: spans;
+    # random_spans: the spans first filled with random tokens).
     retrieval_share: float = 0.0
-    retrieval_kind: Literal["facts", "spans"] = "facts"
+    retrieval_kind: Literal["facts", "spans", "random_spans"] = "facts"
 
     def __post_init__(self):
         _check(bool(self.path), "data.path", self.path, "must name a file, folder, glob or hub dataset")
@@ -108,8 +109,8 @@ class DataConfig:
         _check(0.0 <= self.retrieval_share <= 1.0, "data.retrieval_share", self.retrieval_share, "must be in [0, 1]")
         _check(self.retrieval_share == 0 or (self.kind == "text" and not self.streaming), "data.retrieval_share",
                self.retrieval_share, "applies to kind: text without streaming only")
-        _check(self.retrieval_kind in ("facts", "spans"), "data.retrieval_kind", self.retrieval_kind,
-               "must be 'facts' or 'spans'")
+        _check(self.retrieval_kind in ("facts", "spans", "random_spans"), "data.retrieval_kind", self.retrieval_kind,
+               "must be 'facts', 'spans' or 'random_spans'")
         if self.kind == "text":
             _check(not self.truncation, "data.truncation", self.truncation, "applies to kind: sft only")
             _check(self.chat_template is None, "data.chat_template", self.chat_template, "applies to kind: sft only")

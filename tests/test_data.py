@@ -378,6 +378,38 @@ def test_each_copied_span_equals_an_intact_earlier_span():
     assert len(lengths) > 10 and counts >= {1, 2, 3, 4}
 
 
+def test_random_spans_repeat_a_random_sequence_drawn_from_the_pool():
+    """random_spans: each changed run is random tokens from the pool, and it appears twice in
+    the segment (the source, then its copy); everything else is the original text."""
+    rng = np.random.default_rng(1)
+    pool = np.arange(5000, 5100)
+    for trial in range(100):
+        block = np.arange(1000)
+        assert _copy_spans(block, 10, 990, rng, pool)
+        changed = block >= 5000
+        assert np.array_equal(block[~changed], np.flatnonzero(~changed))
+        runs = np.split(np.flatnonzero(changed), np.flatnonzero(np.diff(np.flatnonzero(changed)) > 1) + 1)
+        # runs may touch; cut them into pieces of the span length, and every piece has its twin
+        def twinned(n):
+            if any(len(r) % n for r in runs):
+                return False
+            pieces = sorted(tuple(block[r[i:i + n]]) for r in runs for i in range(0, len(r), n))
+            return len(pieces) % 2 == 0 and pieces[0::2] == pieces[1::2]
+        assert any(twinned(n) for n in range(SPAN_TOKENS[0], SPAN_TOKENS[1] + 1)), trial
+
+
+def test_retrieval_kinds_plant_through_the_recipe(tok, tmp_path):
+    """Every kind changes the training blocks through prepare_data; random_spans only with
+    tokens that are not special."""
+    path = write_jsonl(tmp_path / "c.jsonl", make_docs(seed=4, n=60, max_words=400))
+    plain = prepare_data(config(path, tmp_path, eval_docs=5), tok, seq_len=512)
+    for kind in ("facts", "spans", "random_spans"):
+        mixed = prepare_data(config(path, tmp_path, eval_docs=5, retrieval_share=0.5, retrieval_kind=kind), tok, seq_len=512)
+        assert mixed.train.retrieval_blocks > 0 and not np.array_equal(mixed.train.blocks, plain.train.blocks), kind
+    new = mixed.train.blocks[mixed.train.blocks != plain.train.blocks]
+    assert not set(new.tolist()) & set(tok.all_special_ids)
+
+
 def test_retrieval_share_is_for_plain_text_only(tmp_path):
     with pytest.raises(RecipeError, match="data.retrieval_share=0.1 is invalid: applies to kind: text"):
         DataConfig(path="x", tokenizer="y", streaming=True, eval_docs=1, retrieval_share=0.1)

@@ -25,6 +25,10 @@ a copy past its first tokens means finding where the text now being read appeare
 reading on from there: the skill every retrieval prompt asks for, taught on the corpus's own
 text, at every distance the block allows, with nothing to memorize.
 
+``random_spans`` is the same with each source span first overwritten by random tokens (none of
+the tokenizer's special tokens), so that its copy can be predicted only by reading the source:
+the classic induction task (a random sequence, then the same sequence again).
+
 Planting happens after packing and touches the training split only; the held-out split is never
 changed. The same seed plants the same facts (or spans) in the same blocks.
 """
@@ -39,7 +43,7 @@ FACT = '\n_fact_{name} = "{value}"\n'
 QUESTION = "\n_fact_{name} = \""
 ANSWER = '{value}"\n'
 MAX_FACTS = 4
-KINDS = ("facts", "spans")
+KINDS = ("facts", "spans", "random_spans")
 SPAN_TOKENS = (16, 48)  # a copied span's length, inclusive
 MAX_SPANS = 4
 _NAME_CHARS = string.ascii_lowercase + string.digits
@@ -87,8 +91,12 @@ def plant_retrieval(blocks: np.ndarray, starts: np.ndarray, tokenizer, share: fl
         return 0
     rng = np.random.default_rng([seed, 7])
     chosen = rng.choice(len(blocks), size=round(share * len(blocks)), replace=False)
-    if kind == "spans":
-        return sum(_copy_spans(blocks[row], *longest_segment(starts[row]), rng) for row in np.sort(chosen))
+    if kind in ("spans", "random_spans"):
+        pool = None
+        if kind == "random_spans":
+            special = set(tokenizer.all_special_ids)
+            pool = np.asarray([i for i in range(len(tokenizer)) if i not in special], dtype=blocks.dtype)
+        return sum(_copy_spans(blocks[row], *longest_segment(starts[row]), rng, pool) for row in np.sort(chosen))
 
     def encode(text):
         return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=blocks.dtype)
@@ -109,10 +117,11 @@ def plant_retrieval(blocks: np.ndarray, starts: np.ndarray, tokenizer, share: fl
     return planted
 
 
-def _copy_spans(block: np.ndarray, lo: int, hi: int, rng: np.random.Generator) -> bool:
+def _copy_spans(block: np.ndarray, lo: int, hi: int, rng: np.random.Generator, pool: np.ndarray | None = None) -> bool:
     """Copy 1 to ``MAX_SPANS`` random spans of ``block[lo:hi]`` each to a random later place in
     it, in place; sources and copies never overlap, so every copy equals its source afterwards.
-    False (nothing changed) when the segment is shorter than four times a span."""
+    With ``pool``, each source is first filled with tokens drawn from it. False (nothing
+    changed) when the segment is shorter than four times a span."""
     length = int(rng.integers(SPAN_TOKENS[0], SPAN_TOKENS[1] + 1))
     n = min(int(rng.integers(1, MAX_SPANS + 1)), (hi - lo) // (4 * length))
     if n == 0:
@@ -121,6 +130,8 @@ def _copy_spans(block: np.ndarray, lo: int, hi: int, rng: np.random.Generator) -
     pairs = rng.permutation(2 * n).reshape(n, 2)  # any two places; the earlier is the source
     for a, b in pairs:
         src, dst = lo + places[min(a, b)], lo + places[max(a, b)]
+        if pool is not None:
+            block[src:src + length] = rng.choice(pool, length)
         block[dst:dst + length] = block[src:src + length]
     return True
 
