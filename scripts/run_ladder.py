@@ -224,7 +224,7 @@ def estimate(stages):
         rate *= reference.flops_per_token(seq_len) / model.flops_per_token(seq_len)
         tokens = r.training.steps * stage["tokens_per_step"]
         forward = [model.flops_per_token(length) / 3 * length for length in stage["lengths"]]
-        # Per length: depths x trials passkey prompts, the multi-key and training-format prompts;
+        # Per length: depths x trials passkey prompts, the multi-key and code-facts prompts;
         # the loss windows; the model before the stage at the new length.
         evals = (sum(forward) * (10 * 20 + 2 * 20)
                  + forward[-1] * (8 + 10 * 20 + 2 * 20 + (8 if stage["before"] else 0))) / EVAL_FLOPS
@@ -334,7 +334,7 @@ def markdown(ladder):
     lines = ([] if ladder["finished"] else ["**Unfinished**: the ladder stopped at its time limit.", ""]) + [
         "| stage | context | rope_theta | steps | tokens seen | tokens/s | peak GB | held-out loss (start -> end) | "
         "loss, first / last bucket | passkey at context, before -> after | multi-key at context, before -> after | "
-        "training format at context, before -> after |",
+        "code facts at context, before -> after |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         key = str(r["seq_len"])

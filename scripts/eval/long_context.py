@@ -20,12 +20,13 @@ them, whose needle sits at depths spread evenly over the trials::
     <intro> <text> The number stored under cobalt is 804113. <text> The number stored under
     falcon is 271906. <text> ... Which number is stored under falcon? It is 271906
 
-**In the training format** (a diagnostic, not a held-out task: ``--multikey-keys`` facts and
-``--multikey-trials`` trials per length, as multi-key). The ladder's synthetic retrieval
-(``flashlm.data.retrieval``), planted in held-out text: facts such as ``_fact_q7k2x = "3fa90c"``
-at random depths and, at the end, one of those lines begun again. When passkey fails, this
-tells a model that never learned to retrieve from one that learned it in its training format
-only::
+**Code facts** (``in_format``; ``--multikey-keys`` facts and ``--multikey-trials`` trials per
+length, as multi-key). The format of ``data.retrieval_kind: facts`` (``flashlm.data.retrieval``)
+planted in held-out text: facts such as ``_fact_q7k2x = "3fa90c"`` at random depths and, at the
+end, one of those lines begun again. For a model trained on that mix it is a diagnostic, not a
+held-out task: when passkey fails, it tells a model that never learned to retrieve from one
+that learned it in its training format only. For a model trained with another kind (the ladder
+plants ``random_spans``) it is one more retrieval in a format training never saw::
 
     <text> _fact_q7k2x = "3fa90c" <text> _fact_m0c4e = "b3f0a1" <text> _fact_q7k2x = "3fa90c"
 
@@ -470,7 +471,7 @@ def percent(x):
 
 
 def summary(report):
-    """Markdown: loss by position, the passkey grid, multi-key and training-format accuracy, before
+    """Markdown: loss by position, the passkey grid, multi-key and code-facts accuracy, before
     and after."""
     roles = [r for r in ("before", "after") if report[r]]
     lines = [f"Long-context evaluation of {report['model']}"
@@ -486,7 +487,7 @@ def summary(report):
         p = report[r]["passkey"]
         lines += ["", f"Passkey accuracy, {r} ({p['trials']} trials a cell; rows: length, columns: depth):", "",
                   "| length | " + " | ".join(f"{d:.2f}" for d in p["depths"])
-                  + " | all | multi-key | training format |", "|---|" + "---|" * (len(p["depths"]) + 3)]
+                  + " | all | multi-key | code facts |", "|---|" + "---|" * (len(p["depths"]) + 3)]
         for length in p["lengths"]:
             row = " | ".join(percent(a) for a in p["accuracy"][str(length)])
             lines.append(f"| {length} | {row} | {percent(p['by_length'][str(length)])} | "
@@ -566,8 +567,8 @@ def parse_args(argv=None):
     p.add_argument("--first-bucket", type=int, default=256, help="end of the first position bucket")
     p.add_argument("--depths", type=int, default=10, help="needle depths, evenly spread over 0..1")
     p.add_argument("--trials", type=int, default=20, help="passkey trials per (length, depth)")
-    p.add_argument("--multikey-keys", type=int, default=4, help="needles in a multi-key (and a training-format) prompt")
-    p.add_argument("--multikey-trials", type=int, default=20, help="multi-key (and training-format) trials per length")
+    p.add_argument("--multikey-keys", type=int, default=4, help="needles in a multi-key (and a code-facts) prompt")
+    p.add_argument("--multikey-trials", type=int, default=20, help="multi-key (and code-facts) trials per length")
     p.add_argument("--batch-tokens", type=int, default=65536, help="tokens per forward pass for short prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="default: cuda when available")
