@@ -25,9 +25,12 @@ a copy past its first tokens means finding where the text now being read appeare
 reading on from there: the skill every retrieval prompt asks for, taught on the corpus's own
 text, at every distance the block allows, with nothing to memorize.
 
-``random_spans`` is the same with each source span first overwritten by random tokens (none of
-the tokenizer's special tokens), so that its copy can be predicted only by reading the source:
-the classic induction task (a random sequence, then the same sequence again).
+``random_spans`` is the same with each source, after its first 2-6 tokens (a cue kept from the
+document), overwritten by random tokens (none of the tokenizer's special tokens); the copy
+repeats cue and random tokens. A copy's first random token can be predicted only by matching the
+cue, ordinary tokens that also occur elsewhere (as "The pass key is" before a key), and the rest
+only by reading the source: the induction task. At 1/16 scale it was the only mix that gave
+passkey hits (results/ladder/experiments/tiny_retrieval_mix.md).
 
 Planting happens after packing and touches the training split only; the held-out split is never
 changed. The same seed plants the same facts (or spans) in the same blocks.
@@ -46,6 +49,7 @@ MAX_FACTS = 4
 KINDS = ("facts", "spans", "random_spans")
 SPAN_TOKENS = (16, 48)  # a copied span's length, inclusive
 MAX_SPANS = 4
+CUE_TOKENS = (2, 6)  # random_spans: a source's first tokens kept from the document, inclusive
 _NAME_CHARS = string.ascii_lowercase + string.digits
 
 
@@ -130,8 +134,9 @@ def _copy_spans(block: np.ndarray, lo: int, hi: int, rng: np.random.Generator, p
     pairs = rng.permutation(2 * n).reshape(n, 2)  # any two places; the earlier is the source
     for a, b in pairs:
         src, dst = lo + places[min(a, b)], lo + places[max(a, b)]
-        if pool is not None:
-            block[src:src + length] = rng.choice(pool, length)
+        if pool is not None:  # the first few tokens stay the document's own: a cue, as in a prompt
+            cue = int(rng.integers(CUE_TOKENS[0], CUE_TOKENS[1] + 1))
+            block[src + cue:src + length] = rng.choice(pool, length - cue)
         block[dst:dst + length] = block[src:src + length]
     return True
 
