@@ -84,7 +84,7 @@ class DataConfig:
     # The share of training blocks given a synthetic long-range retrieval (flashlm.data.retrieval):
     # facts at random depths in a document and a question about one of them at its end
     # (retrieval_kind: facts), or copies of random spans of it later in it (retrieval_kind: spans;
-    # random_spans: the spans first filled with random tokens).
+    # random_spans: past a 2-6-token cue, the sources filled with random tokens; the ladder's choice).
     retrieval_share: float = 0.0
     retrieval_kind: Literal["facts", "spans", "random_spans"] = "facts"
 
