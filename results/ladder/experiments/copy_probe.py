@@ -3,11 +3,13 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 from flashlm.training.checkpoint import load_model
 from flashlm.data.retrieval import _copy_spans
-tok = AutoTokenizer.from_pretrained("/tmp/tl/corpus/tokenizer")
-text = "".join(json.loads(l)["text"] for l in open("/tmp/tl/corpus/eval.jsonl"))[:400000]
+# usage: PYTHONPATH=. python3 <this script> CORPUS_DIR RUN [RUN ...]  (CORPUS_DIR: built by scripts/run_ladder.py)
+corpus, runs = sys.argv[1], sys.argv[2:]
+tok = AutoTokenizer.from_pretrained(f"{corpus}/tokenizer")
+text = "".join(json.loads(l)["text"] for l in open(f"{corpus}/eval.jsonl"))[:400000]
 ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"])
 rng = np.random.default_rng(1)
-for run in sys.argv[1:]:
+for run in runs:
     model = load_model(run, attn_backend="sdpa", gradient_checkpointing=False, checkpoint_dtype=None, checkpoint_offload=False,
                        checkpoint_keep_attention=False, mlp_chunk_size=0, loss_chunk_size=0, loss_impl="chunked").eval()
     hit = tot = 0; hit_plain = 0

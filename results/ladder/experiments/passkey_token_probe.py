@@ -3,10 +3,12 @@ sys.path.insert(0, "scripts/eval")
 import long_context as lc
 from transformers import AutoTokenizer
 from flashlm.training.checkpoint import load_model
-tok = AutoTokenizer.from_pretrained("/tmp/tl/corpus/tokenizer")
-text = "".join(json.loads(l)["text"] for l in open("/tmp/tl/corpus/eval.jsonl"))[:300000]
+# usage: PYTHONPATH=. python3 <this script> CORPUS_DIR RUN [RUN ...]  (CORPUS_DIR: built by scripts/run_ladder.py)
+corpus, runs = sys.argv[1], sys.argv[2:]
+tok = AutoTokenizer.from_pretrained(f"{corpus}/tokenizer")
+text = "".join(json.loads(l)["text"] for l in open(f"{corpus}/eval.jsonl"))[:300000]
 ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"])
-for run in sys.argv[1:]:
+for run in runs:
     model = load_model(run, attn_backend="sdpa", gradient_checkpointing=False, checkpoint_dtype=None, checkpoint_offload=False,
                        checkpoint_keep_attention=False, mlp_chunk_size=0, loss_chunk_size=0, loss_impl="chunked").eval()
     rng = random.Random(0); hits = np.zeros(8); n = 0
