@@ -186,3 +186,16 @@ def test_min_doc_tokens_keeps_long_training_documents(site, tmp_path):
         prepare_data(DataConfig(**cfg, min_doc_tokens=100000), tok, seq_len=64)
     with pytest.raises(RecipeError, match="data.min_doc_tokens"):
         DataConfig(**cfg, min_doc_tokens=-1)
+
+
+def test_alnum_count_is_str_isalnum():
+    """The builder's 'not code' filter counts alphanumerics with a regex: the same count as
+    str.isalnum over every code point, and over random mixed text."""
+    builder = load_script("data/build_code_corpus")
+    every = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+    assert builder.alnum_count(every) == sum(c.isalnum() for c in every)
+    rng = random.Random(0)
+    pool = "ab_Z09 \t\n#(){}:=.,'\"é½²٣Ⅻ中_-–"
+    for _ in range(200):
+        text = "".join(rng.choice(pool) for _ in range(rng.randrange(0, 60)))
+        assert builder.alnum_count(text) == sum(c.isalnum() for c in text), text
