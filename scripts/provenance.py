@@ -17,6 +17,9 @@ The block (a package that is not installed is None):
                     versions (cuda and cudnn as torch was built with them)
     git_commit      the full hash of HEAD in the checkout that holds this script, or the
                     ``--commit`` a run was given (a copy of the tree without .git)
+    git_dirty       True when tracked files differ from that commit (the code that ran is
+                    not the commit alone: headers then say "modified"), False when they do
+                    not, None where git cannot tell (no checkout, or ``--commit`` given)
     date            the day of the run, YYYY-MM-DD
     argv            the script's command-line arguments
 
@@ -47,13 +50,25 @@ def _version(dist):
         return None
 
 
-def git_commit():
-    """The full hash of HEAD in this checkout, or None outside a git checkout."""
+def _git(repo, *args):
+    """git's output in ``repo``, or None where git or the checkout is missing."""
     try:
-        return subprocess.check_output(["git", "-C", str(REPO), "rev-parse", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
+        return subprocess.check_output(["git", "-C", str(repo), *args], text=True, stderr=subprocess.DEVNULL)
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def git_commit(repo=REPO):
+    """The full hash of HEAD in the checkout ``repo``, or None outside a git checkout."""
+    out = _git(repo, "rev-parse", "HEAD")
+    return None if out is None else out.strip()
+
+
+def git_dirty(repo=REPO):
+    """Whether tracked files in ``repo`` differ from HEAD (untracked files do not count), or
+    None outside a git checkout."""
+    out = _git(repo, "status", "--porcelain", "--untracked-files=no")
+    return None if out is None else bool(out.strip())
 
 
 def environment(device="cuda", commit=None):
@@ -75,6 +90,7 @@ def environment(device="cuda", commit=None):
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         **{key: _version(dist) for dist, key in PACKAGES.items()},
         "git_commit": commit or git_commit(),
+        "git_dirty": None if commit else git_dirty(),
         "date": datetime.date.today().isoformat(),
         "argv": sys.argv[1:],
     }
@@ -82,9 +98,11 @@ def environment(device="cuda", commit=None):
 
 def short_commit(env):
     """The commit for a table header: a hash cut to 10 characters; any other text (a merged
-    table's note of which rows come from which commit) as written."""
+    table's note of which rows come from which commit) as written; ", modified" after it when
+    the run's tracked files differed from the commit."""
     commit = str(env["git_commit"])
-    return commit[:10] if re.fullmatch(r"[0-9a-f]+", commit) else commit
+    commit = commit[:10] if re.fullmatch(r"[0-9a-f]+", commit) else commit
+    return f"{commit}, modified" if env.get("git_dirty") else commit
 
 
 def describe(env, *packages):
