@@ -17,9 +17,10 @@ The block (a package that is not installed is None):
                     versions (cuda and cudnn as torch was built with them)
     git_commit      the full hash of HEAD in the checkout that holds this script, or the
                     ``--commit`` a run was given (a copy of the tree without .git)
-    git_dirty       True when tracked files differ from that commit (the code that ran is
-                    not the commit alone: headers then say "modified"), False when they do
-                    not, None where git cannot tell (no checkout, or ``--commit`` given)
+    git_dirty       True when tracked files outside results/ differ from that commit (the
+                    code that ran is not the commit alone: headers then say "modified"),
+                    False when they do not, None where git cannot tell (no checkout, or
+                    ``--commit`` given); results/ is left out, since the run itself writes there
     date            the day of the run, YYYY-MM-DD
     argv            the script's command-line arguments
 
@@ -65,9 +66,10 @@ def git_commit(repo=REPO):
 
 
 def git_dirty(repo=REPO):
-    """Whether tracked files in ``repo`` differ from HEAD (untracked files do not count), or
-    None outside a git checkout."""
-    out = _git(repo, "status", "--porcelain", "--untracked-files=no")
+    """Whether tracked files in ``repo`` outside ``results/`` differ from HEAD (untracked files
+    do not count; a report written there earlier in the same run does not either), or None
+    outside a git checkout."""
+    out = _git(repo, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
     return None if out is None else bool(out.strip())
 
 

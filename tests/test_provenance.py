@@ -22,12 +22,16 @@ def test_commit_and_dirty_follow_the_checkout(tmp_path):
     assert provenance.git_dirty(tmp_path) is None
     git(tmp_path, "init", "-q")
     (tmp_path / "a.py").write_text("x = 1\n")
-    git(tmp_path, "add", "a.py")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "r.json").write_text("{}\n")
+    git(tmp_path, "add", "a.py", "results/r.json")
     git(tmp_path, "commit", "-q", "-m", "a")
     head = git(tmp_path, "rev-parse", "HEAD")
     assert provenance.git_commit(tmp_path) == head
     assert provenance.git_dirty(tmp_path) is False
     (tmp_path / "new.py").write_text("untracked\n")  # untracked files do not count
+    assert provenance.git_dirty(tmp_path) is False
+    (tmp_path / "results" / "r.json").write_text("{\"rows\": 1}\n")  # a run's own report
     assert provenance.git_dirty(tmp_path) is False
     (tmp_path / "a.py").write_text("x = 2\n")
     assert provenance.git_dirty(tmp_path) is True
