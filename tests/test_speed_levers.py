@@ -18,12 +18,14 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import DEVICE, cpu_process_env
 from flashlm import GPT, GPTConfig
 from flashlm.model import checkpointing
 from flashlm.model.compile import compile_blocks, compile_enabled, uncompile_blocks
-from flashlm.model.plan import (GIB, LayerPlan, format_plan, parse_plan, plan_checkpointing, plan_for_training)
+from flashlm.model.plan import (GIB, ActivationModel, LayerPlan, format_plan, parse_plan, plan_checkpointing,
+                               plan_for_training)
 
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=96, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128)
@@ -182,8 +184,62 @@ def test_planner_is_monotone_in_the_budget(preset, seq_len):
         assert large.fits or not small.fits
     assert not plans[0].fits and plans[0].peak_bytes == min(p.peak_bytes for p in plans)
     assert any(p.fits and 0 < p.recompute for p in plans)  # a mixed plan between the extremes
-    if plans[-1].fits and plans[-1].peak_bytes < 40 * GIB:
-        assert plans[-1].spec == f"{config.num_hidden_layers}*none" and plans[-1].recompute == 0
+    assert plans[-1].recompute == min(p.recompute for p in plans) < plans[0].recompute
+    # A whole layer's chunked MLP recomputes gate|up, so only an unchunked MLP makes the
+    # plan with the most memory recompute nothing.
+    unchunked = GPTConfig.from_dict({**config.to_dict(), "mlp_chunk_size": 0})
+    roomy = plan_checkpointing(unchunked, seq_len, batch, 80 * GIB)
+    if roomy.fits and roomy.peak_bytes < 40 * GIB:
+        assert roomy.spec == f"{config.num_hidden_layers}*none" and roomy.recompute == 0
+
+
+class MatmulFlops(TorchDispatchMode):
+    """FLOPs of the matrix products (mm, addmm, bmm) that run while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default):
+            a, b = args[-2:]
+            self.flops += 2 * a.numel() * b.shape[-1]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("plan, mlp_chunk", [("4*none", 32), ("4*checkpoint", 0), ("4*checkpoint", 32),
+                                             ("checkpoint+qkv,checkpoint+gate_up,offload,none", 32)])
+def test_recompute_cost_counts_the_products_the_backward_runs(plan, mlp_chunk):
+    """The planner's cost of a plan, in matrix products, is what a training step runs beyond a
+    whole model's: the recomputed q|k|v, o and gate|up products (never down_proj, whose value
+    the recomputation does not need), kept products skipped, and a whole layer's chunked MLP
+    recomputing gate|up. Counted on the CPU with SDPA (its attention is not a matmul op)."""
+    seqlen, rows = 48, 2
+    def step_flops(overrides, layers=None):
+        model = build(dict(attn_backend="sdpa", **overrides), layers)
+        counter = MatmulFlops()
+        with counter:
+            step(model, ids_of(seqlen, rows))
+        return counter.flops
+
+    whole = step_flops({})
+    planned = step_flops(dict(mlp_chunk_size=mlp_chunk, **AUTO), plan)
+    config = GPTConfig(**TINY, attn_backend="sdpa", mlp_chunk_size=mlp_chunk, **AUTO)
+    model = ActivationModel(config, tokens=seqlen * rows, seq_len=seqlen, backend="sdpa", device_type="cpu")
+    parts = model.forward_flops()
+    matmuls = {"qkv", "o", "gate_up", "down"}
+    expected = modelled = 0
+    for layer in parse_plan(plan, TINY["num_hidden_layers"]):
+        if layer.recomputed:
+            expected += sum(parts[k] for k in matmuls - {"down"} - model.kept_ops(layer))
+            others = sum(v for k, v in parts.items() if k not in matmuls | model.kept_ops(layer))
+        else:
+            expected += parts["gate_up"] if model.chunked_mlp else 0
+            others = parts["swiglu"] if model.chunked_mlp else 0
+        # The model's cost of the layer, less its attention and elementwise equivalents.
+        modelled += model.recompute_cost(layer) / (1.01 if layer.mode == "offload" else 1) - others
+    assert planned - whole == expected > 0 or plan == "4*none" and mlp_chunk == 0
+    assert modelled == pytest.approx(expected, rel=1e-9)
 
 
 def test_planner_keeps_attention_only_with_flash_and_offloads_only_when_allowed():

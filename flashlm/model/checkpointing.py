@@ -11,8 +11,10 @@ recomputation, and the activations of the one layer being recomputed, above all 
   produces) and/or in pinned CPU memory (``ActivationOffload``: copies on a side CUDA stream,
   the next layer's input prefetched while the current one is recomputed). The recomputed MLP
   runs forward and backward chunk by chunk, so at most ``mlp_chunk_size`` tokens of MLP
-  activations exist at a time, at no extra FLOPs: its output is never needed again, only its
-  gradient.
+  activations exist at a time, at no extra FLOPs. Its output is never needed again, only its
+  gradient, so the recomputation skips the layer's last product (down_proj, ``output_linear``):
+  a recomputed layer runs all its products but that one (a quarter fewer recomputed FLOPs for
+  Llama's shapes), and its gradients are the plain path's bit for bit.
 - ``LayerTape`` (``CheckpointOptions.keep``): outputs of chosen ops kept from the forward pass
   of a checkpointed layer, so the recomputation replays them instead of running the ops again
   (selective checkpointing). "attention": flash attention's output and lse, at long context
@@ -125,10 +127,20 @@ def layer_tape(tape: LayerTape | None, replay: bool = False):
         _TAPES.tape = previous
 
 
+def _linear_grads(ctx, grad):
+    """The gradients of ``F.linear(x, weight)`` (x, weight saved on ``ctx``) as autograd
+    computes them for the matmul (``MmBackward``: dx = dy @ W, dW = dy^T @ x), so that they
+    equal the plain path's bit for bit."""
+    x, weight = ctx.saved_tensors
+    flat = grad.reshape(-1, grad.shape[-1])
+    grad_x = flat.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
+    grad_weight = flat.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_weight
+
+
 class _ReplayedLinear(torch.autograd.Function):
     """``F.linear(x, weight)`` whose forward already ran: returns the saved product and
-    differentiates it as autograd differentiates the matmul (``MmBackward``: dx = dy @ W,
-    dW = dy^T @ x), so the gradients equal the plain path's bit for bit."""
+    differentiates it like the matmul (``_linear_grads``)."""
 
     @staticmethod
     def forward(ctx, x, weight, out):
@@ -137,11 +149,22 @@ class _ReplayedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        flat = grad.reshape(-1, grad.shape[-1])
-        grad_x = flat.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_weight = flat.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_weight, None
+        return *_linear_grads(ctx, grad), None
+
+
+class _UnusedProductLinear(torch.autograd.Function):
+    """``F.linear(x, weight)`` whose value nobody reads, only its gradient: the forward returns
+    zeros of the product's shape without the matmul, the backward is the matmul's
+    (``_linear_grads``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return x.new_zeros(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _linear_grads(ctx, grad)
 
 
 def tape_linear(x, weight, op):
@@ -159,12 +182,42 @@ def tape_linear(x, weight, op):
         tape.record(op, out)
         return out
     (out,) = tape.take(op)
+    return _ReplayedLinear.apply(*_autocast_inputs(x, weight), out)
+
+
+def _autocast_inputs(x, weight):
+    """The casts autocast applies to ``F.linear``'s inputs, so that a hand-made linear's graph
+    is the plain path's."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
-        # The casts autocast applies to F.linear's inputs, so the graph is the plain path's.
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
-    return _ReplayedLinear.apply(x, weight, out)
+    return x, weight
+
+
+_OUTPUT_UNUSED = threading.local()
+
+
+@contextlib.contextmanager
+def layer_output_unused():
+    """While inside, ``output_linear`` skips its product: the recomputation of a layer's MLP
+    (``_mlp_backward``) needs only the gradient of the layer's output, never its value."""
+    previous = getattr(_OUTPUT_UNUSED, "on", False)
+    _OUTPUT_UNUSED.on = True
+    try:
+        yield
+    finally:
+        _OUTPUT_UNUSED.on = previous
+
+
+def output_linear(x, weight):
+    """``F.linear(x, weight)`` (no bias) for the last product of a layer (the MLP's
+    down_proj). Inside ``layer_output_unused`` it returns zeros in place of the product and
+    only differentiates it, so a recomputed MLP runs two of its three matmuls (its gradients
+    are the plain path's bit for bit). Inside a compiled region always the plain product."""
+    if torch.compiler.is_compiling() or not getattr(_OUTPUT_UNUSED, "on", False):
+        return F.linear(x, weight)
+    return _UnusedProductLinear.apply(*_autocast_inputs(x, weight))
 
 
 class ActivationOffload:
@@ -294,7 +347,7 @@ def _mlp_backward(block, h, grad_out, chunk_size, params):
     totals = [None] * len(params)
     for start in range(0, tokens, step):
         piece = flat_h[start:start + step].detach().requires_grad_()
-        with torch.enable_grad():
+        with torch.enable_grad(), layer_output_unused():  # only y's gradient is used
             y = block.mlp_residual(piece)
         grad_piece, *grads = _grads(y, [piece, *params], flat_g[start:start + step])
         grad_h[start:start + step] = grad_piece

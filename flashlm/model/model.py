@@ -26,7 +26,7 @@ from flashlm.kernels.rms_norm import rms_norm
 from flashlm.kernels.rope import rotary_embedding
 from flashlm.kernels.swiglu import swiglu
 from flashlm.model.checkpointing import (ActivationOffload, CheckpointOptions, block_forward, checkpoint_block,
-                                         tape_linear, taped)
+                                         output_linear, tape_linear, taped)
 from flashlm.model.config import GPTConfig
 from flashlm.model.loss import next_token_loss
 from flashlm.model.plan import LayerPlan, config_plan, parse_plan
@@ -376,9 +376,12 @@ class MLP(nn.Module):
         gate_up = tape_linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]), "gate_up")
         if fused_ops_enabled(self.config, x.device):
             # Keeps only gate_up for backward and returns its gradient as one tensor.
-            return self.down_proj(swiglu(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+            act = swiglu(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        # down_proj's product is skipped where only its gradient is needed (a recomputed MLP).
+        return output_linear(act, self.down_proj.weight)
 
 
 def attention_half(block, x, cos, sin, backend, mask=None):

@@ -54,7 +54,9 @@ first, before any recomputation runs.
 Cost model (FLOP-equivalents per step): matmul and attention FLOPs of what is recomputed,
 plus the bytes the recomputed elementwise ops move times ``flops_per_byte`` (an H100's dense
 bf16 FLOP/s over its memory bandwidth, about 300): at short context those ops, not the
-matmuls, are much of a layer's time. Offload costs what checkpoint does plus 1% of a layer's
+matmuls, are much of a layer's time. A recomputation never runs the layer's last product
+(down_proj), whose value nobody reads; a whole layer with a chunked MLP recomputes the MLP's
+gate|up product and SwiGLU. Offload costs what checkpoint does plus 1% of a layer's
 forward (the copies overlap the compute; the extra only makes the planner keep inputs on the
 device when both fit).
 
@@ -326,18 +328,21 @@ class ActivationModel:
             keys = window - window * (window - 1) / (2 * self.seq_len)
         elementwise_bytes = (2 * (r + a) * h          # two norms
                              + 2 * a * (h + kv) + 2 * a * kv  # RoPE on q and k, the copy of v
-                             + 2 * (2 * r + a) * h    # two residual adds
-                             + 3 * a * inter)         # SwiGLU
+                             + 2 * (2 * r + a) * h)   # two residual adds
         return dict(qkv=2 * n * params["qkv"], attention=4 * n * h * keys, o=2 * n * params["o"],
                     gate_up=2 * n * params["gate_up"], down=2 * n * params["down"],
+                    swiglu=n * 3 * a * inter * self.flops_per_byte,
                     elementwise=n * elementwise_bytes * self.flops_per_byte)
 
     def recompute_cost(self, layer: LayerPlan) -> float:
-        """FLOP-equivalents ``layer`` recomputes in the backward pass (0 for a whole layer)."""
-        if not layer.recomputed:
-            return 0.0
+        """FLOP-equivalents ``layer`` recomputes in the backward pass. No recomputation ever
+        runs the layer's last product (down_proj: only its gradient is needed,
+        ``checkpointing.output_linear``). A whole layer recomputes nothing, unless its MLP is
+        chunked: then the MLP's gate|up product and SwiGLU run again, a chunk at a time."""
         parts = self.forward_flops()
-        skipped = self.kept_ops(layer)
+        if not layer.recomputed:
+            return parts["gate_up"] + parts["swiglu"] if self.chunked_mlp else 0.0
+        skipped = self.kept_ops(layer) | {"down"}
         cost = sum(v for k, v in parts.items() if k not in skipped)
         return cost * 1.01 if layer.mode == "offload" else cost
 
