@@ -63,7 +63,8 @@ def assert_same_curve(a, b, rel=2e-6):
 
 def test_context_parallel_ring_with_documents_tracks_one_process_and_resumes(recipe):
     """Ring attention over 2 processes with packed documents crossing the shard boundary: the
-    same losses as one process; stopped at step 2 and resumed, the same again."""
+    same losses as one process, with the zigzag's shards and with shards balanced by the
+    documents' work (that run stopped at step 2 and resumed)."""
     one, one_eval, _ = run(recipe, "--document_mask=true", name="one")
     boundaries = _inner_boundaries(recipe)
     assert boundaries["inside"] > 10 and boundaries["crossing"] > 3, boundaries
@@ -74,17 +75,14 @@ def test_context_parallel_ring_with_documents_tracks_one_process_and_resumes(rec
     assert_same_curve(one_eval, cp_eval)
     # Shards cut by the documents' work (most rows here get a layout other than the zigzag).
     assert boundaries["rebalanced"] > boundaries["rows"] // 2, boundaries
-    balanced, balanced_eval, out = run(recipe, "--document_mask=true", "--parallel.context_parallel_size=2",
-                                       "--parallel.context_parallel_balance=documents", config="cpu_2proc.yaml",
-                                       name="balanced")
+    # Balanced by the documents' work, stopped at step 2 and resumed: the same curve again.
+    balanced = ("--document_mask=true", "--parallel.context_parallel_size=2",
+                "--parallel.context_parallel_balance=documents", "--ckpt_every=2")
+    _, _, out = run(recipe, *balanced, "--stop_at_step=2", config="cpu_2proc.yaml", name="cut")
     assert "(1 data-parallel x 2 context-parallel, ring, documents balance)" in out
-    assert_same_curve(one, balanced)
-    assert_same_curve(one_eval, balanced_eval)
-    run(recipe, "--document_mask=true", "--parallel.context_parallel_size=2", "--ckpt_every=2",
-        "--stop_at_step=2", config="cpu_2proc.yaml", name="cut")
-    resumed, _, _ = run(recipe, "--document_mask=true", "--parallel.context_parallel_size=2", "--ckpt_every=2",
-                        "--resume", config="cpu_2proc.yaml", name="cut")
+    resumed, resumed_eval, _ = run(recipe, *balanced, "--resume", config="cpu_2proc.yaml", name="cut")
     assert_same_curve(one, resumed)
+    assert_same_curve(one_eval, resumed_eval)
 
 
 def test_fsdp2_with_context_parallel_allgather_tracks_one_process(recipe):
