@@ -193,6 +193,11 @@ class TrainingConfig:
     # (model.attention_deterministic: auto) to its deterministic backward. Off: the faster
     # non-deterministic kernels where they exist.
     deterministic: bool = False
+    # Run each micro-batch as this many equal sub-batches, forward and backward one after
+    # another, their gradients accumulating: less activation memory per pass, the same step to
+    # fp32 rounding. "auto": the plan of model.gradient_checkpointing "auto" picks it
+    # (flashlm.model.plan.plan_split), otherwise 1. Not with document_mask.
+    micro_batch_split: int | Literal["auto"] = "auto"
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "seq_len", "keep_last"):
@@ -201,6 +206,14 @@ class TrainingConfig:
             _check(getattr(self, name) >= 0, f"training.{name}", getattr(self, name), "must be >= 0")
         if self.eval_batches is not None:
             _check(self.eval_batches >= 1, "training.eval_batches", self.eval_batches, "must be >= 1 or null")
+        split = self.micro_batch_split
+        if split != "auto":
+            _check(isinstance(split, int) and not isinstance(split, bool) and split >= 1
+                   and self.micro_batch_size % split == 0, "training.micro_batch_split", split,
+                   f"must be 'auto' or a whole number >= 1 that divides training.micro_batch_size="
+                   f"{self.micro_batch_size}")
+            _check(split == 1 or not self.document_mask, "training.micro_batch_split", split,
+                   "must be 1 or 'auto' with training.document_mask (the documents' boundaries span the rows)")
         if self.stop_at_step is not None:
             _check(
                 1 <= self.stop_at_step <= self.steps, "training.stop_at_step", self.stop_at_step,
@@ -334,6 +347,8 @@ RUN_CONTROL_KEYS = (
     "output_dir", "resume", "logging", "export", "data.cache_dir", "data.num_proc", "training.steps",
     "training.stop_at_step", "training.eval_every", "training.eval_batches", "training.ckpt_every",
     "training.keep_last", "training.on_nonfinite", "training.max_skipped_steps",
+    # Sub-batches of a micro-batch: the same step to fp32 rounding, like the layout below.
+    "training.micro_batch_split",
     # How processes split the work (like their number, which a recipe does not hold): the same
     # run continues on another layout, to fp32 rounding.
     "parallel",

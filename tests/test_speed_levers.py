@@ -10,6 +10,7 @@ break the graph or recompile per sequence length; Inductor on CUDA is checked ag
 with a tolerance.
 """
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,8 @@ from conftest import DEVICE, cpu_process_env
 from flashlm import GPT, GPTConfig
 from flashlm.model import checkpointing
 from flashlm.model.compile import compile_blocks, compile_enabled, uncompile_blocks
-from flashlm.model.plan import (GIB, ActivationModel, LayerPlan, format_plan, parse_plan, plan_checkpointing,
-                               plan_for_training)
+from flashlm.model.plan import (GIB, MIN_SPLIT_GAIN, MIN_SPLIT_TOKENS, ActivationModel, LayerPlan, format_plan,
+                               parse_plan, plan_checkpointing, plan_for_training, plan_split)
 
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=96, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128)
@@ -191,6 +192,32 @@ def test_planner_is_monotone_in_the_budget(preset, seq_len):
     roomy = plan_checkpointing(unchunked, seq_len, batch, 80 * GIB)
     if roomy.fits and roomy.peak_bytes < 40 * GIB:
         assert roomy.spec == f"{config.num_hidden_layers}*none" and roomy.recompute == 0
+
+
+def test_splitting_the_micro_batch_cuts_recomputation_in_the_same_budget():
+    """1b at 4K, 32K tokens a micro-batch, in 17.3 GiB (HF + liger's peak there): sub-batches
+    of 8K tokens keep more layers whole, and the split is the sub-batch's own plan. With too
+    little memory, the smallest peak is chosen."""
+    config = _lever_config("1b")
+    budget = int(17.3 * GIB)
+    whole = plan_checkpointing(config, 4096, 8, budget)
+    split = plan_split(config, 4096, 8, budget)
+    assert whole.fits and split.fits and split.split > 1 and whole.split == 1
+    assert split.recompute_share < whole.recompute_share - MIN_SPLIT_GAIN
+    assert 8 // split.split * 4096 >= MIN_SPLIT_TOKENS
+    assert split == dataclasses.replace(plan_checkpointing(config, 4096, 8 // split.split, budget),
+                                        split=split.split)
+    assert "each micro-batch runs as" in split.describe() and "sub-batches" not in whole.describe()
+    # With room for every layer whole, a sub-batch of mlp_chunk_size tokens runs its MLP
+    # unchunked and so recomputes nothing; an unchunked MLP has nothing to gain from a split.
+    roomy = plan_split(config, 4096, 8, 80 * GIB)
+    assert roomy.split == 2 and roomy.recompute == 0 < plan_checkpointing(config, 4096, 8, 80 * GIB).recompute
+    unchunked = GPTConfig.from_dict({**config.to_dict(), "mlp_chunk_size": 0})
+    assert plan_split(unchunked, 4096, 8, 80 * GIB) == plan_checkpointing(unchunked, 4096, 8, 80 * GIB)
+    starved = plan_split(config, 4096, 8, 2 * GIB)
+    assert not starved.fits and starved.split == 8 * 4096 // MIN_SPLIT_TOKENS
+    finest = plan_split(config, 4096, 8, 2 * GIB, min_tokens=1)
+    assert finest.split == 8 and finest.peak_bytes < starved.peak_bytes
 
 
 class MatmulFlops(TorchDispatchMode):

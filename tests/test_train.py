@@ -180,6 +180,70 @@ def test_resume_is_exact(make_recipe):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_micro_batch_split_takes_the_same_steps(make_recipe, monkeypatch, capsys):
+    """Each micro-batch of 4 rows in 2 or 4 sub-batches: the same losses and weights as whole,
+    to fp32 rounding (the gradients sum in another order). With micro_batch_split auto the
+    trainer runs the split its checkpointing plan asks for (here 2, forced: a CPU's memory
+    never needs one)."""
+    import dataclasses
+
+    import flashlm.training.train as train
+
+    runs = {}
+    for split in (1, 2, 4):
+        cfg, _ = make_recipe(f"--training.micro_batch_split={split}", "--training.steps=3", name=f"split{split}")
+        main(cfg)
+        runs[split] = read_metrics(cfg.output_dir)[1], load_model(cfg.output_dir).state_dict()
+    planned = []
+
+    def plan_in_two(*args, **kwargs):
+        planned.append(kwargs["split"])
+        return dataclasses.replace(real_plan(*args, **kwargs), split=2)
+
+    real_plan = train.plan_for_training
+    monkeypatch.setattr(train, "plan_for_training", plan_in_two)
+    cfg, _ = make_recipe("--training.steps=3", "--model.gradient_checkpointing=auto",
+                         "--model.checkpoint_memory_budget=0.5", name="auto")
+    main(cfg)
+    assert planned == [True] and "each micro-batch runs as 2 sub-batches" in capsys.readouterr().out
+    runs["auto"] = read_metrics(cfg.output_dir)[1], load_model(cfg.output_dir).state_dict()
+    (whole_losses, whole_weights) = runs[1]
+    for split in (2, 4, "auto"):
+        losses, weights = runs[split]
+        assert losses.keys() == whole_losses.keys()
+        for step in losses:
+            assert losses[step]["loss"] == pytest.approx(whole_losses[step]["loss"], rel=1e-5)
+        # Adam moves every weight by about lr a step whatever its gradient's size, so a gradient
+        # near 0 that rounds differently moves its weight differently: 1% of a step (lr 3e-3).
+        for name, w in weights.items():
+            torch.testing.assert_close(w, whole_weights[name], rtol=1e-4, atol=3e-5)
+
+
+def test_sub_batches_weigh_the_targets_they_hold():
+    """With labels that ignore some positions (SFT), the sub-batches' mean losses weighted by
+    their shares of the targets sum to the whole batch's mean loss."""
+    from flashlm.model import GPT, GPTConfig
+    from flashlm.training.train import sub_batches
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("debug", vocab_size=64, num_hidden_layers=1, attn_backend="sdpa"))
+    ids = torch.randint(0, 64, (4, 16))
+    labels = ids.clone()
+    labels[0, :12] = -100  # the first row has 3 targets, the others 15
+    labels[3, :] = -100  # the last row none
+    batch = {"input_ids": ids, "labels": labels, "position_ids": None}
+    whole = model(input_ids=ids, labels=labels).loss
+    for split in (2, 4):
+        parts = sub_batches(batch, split)
+        assert len(parts) == split and all(set(p) == {"input_ids", "labels"} for p, _ in parts)
+        assert sum(float(w) for _, w in parts) == pytest.approx(1.0)
+        total = sum(model(**p).loss * w for p, w in parts)
+        torch.testing.assert_close(total, whole, rtol=1e-6, atol=1e-6)
+    unlabeled = sub_batches({"input_ids": ids}, 2)
+    assert [w for _, w in unlabeled] == [0.5, 0.5]
+    assert sub_batches(batch, 1) == [(batch, 1.0)]
+
+
 # ---------------------------------------------------------------------------------------
 # Trackers
 
@@ -299,9 +363,14 @@ def test_tokenizer_larger_than_vocab(make_recipe):
         (["--training.steps=1"], r"schedule.warmup_steps=2 is invalid: must not exceed training.steps=1"),
         (["--parallel.context_parallel_impl=ulysses", "--parallel.context_parallel_balance=documents"],
          r"parallel.context_parallel_balance='documents' is invalid: must be 'zigzag' with context_parallel_impl="),
+        (["--training.micro_batch_split=3"],
+         r"training.micro_batch_split=3 is invalid: must be 'auto' or a whole number >= 1 that divides "
+         r"training.micro_batch_size=4"),
+        (["--training.micro_batch_split=2", "--training.document_mask=true"],
+         r"training.micro_batch_split=2 is invalid: must be 1 or 'auto' with training.document_mask"),
     ],
     ids=["misspelled-key", "misspelled-section", "model-field", "bad-float", "bad-choice", "ambiguous", "cross-field",
-         "cp-balance"],
+         "cp-balance", "split-divides", "split-documents"],
 )
 def test_recipe_errors(make_recipe, overrides, message):
     with pytest.raises(RecipeError, match=message):

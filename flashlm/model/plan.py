@@ -66,6 +66,15 @@ Calibration: on the CPU the kept bytes and the peak are within 12% of
 and 100m at 128K, every layer offloaded, with and without kept attention) are within -1% to
 +4% of the estimate. The planner's own plans are measured on the GPU by
 ``scripts/bench/memory_sweep.py --rows flashlm_auto --budget GIB``.
+
+Splitting the micro-batch (``plan_split``): a micro-batch of B rows may run as ``split`` equal
+sub-batches, each forward and backward in turn, their gradients accumulating (as
+``grad_accum_steps`` does, inside the micro-batch). Each holds 1/split of the activations, so
+within the same budget more layers stay whole and less is recomputed: per token, the cost of a
+step is its forward and backward, which do not change, plus the recomputation, which does. A
+sub-batch keeps at least ``MIN_SPLIT_TOKENS`` tokens, and a split must save at least
+``MIN_SPLIT_GAIN`` of a forward pass per token: each sub-batch reads every weight and launches
+every kernel again, which these floors stand in for (they are rules, not a measured cost).
 """
 
 from __future__ import annotations
@@ -74,6 +83,7 @@ import functools
 import itertools
 import math
 import os
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +91,8 @@ import torch
 MODES = ("none", "checkpoint", "offload")
 KEEPS = ("attention", "qkv", "gate_up")
 GIB = 2**30
+MIN_SPLIT_TOKENS = 8192
+MIN_SPLIT_GAIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -380,8 +392,9 @@ class CheckpointPlan:
 
     layers: one ``LayerPlan`` per layer; peak_bytes: estimated peak (state included);
     state_bytes: weights, optimizer state and gradients; budget_bytes: the budget it was
-    planned for; recompute: FLOP-equivalents recomputed per micro-step; forward: those of a
-    plain forward pass of the layers; fits: whether peak_bytes <= budget_bytes.
+    planned for; recompute: FLOP-equivalents recomputed per sub-batch; forward: those of a
+    plain forward pass of the layers on a sub-batch; fits: whether peak_bytes <= budget_bytes;
+    split: the sub-batches each micro-batch runs as (``plan_split``; 1: the micro-batch whole).
     """
 
     layers: tuple[LayerPlan, ...]
@@ -391,6 +404,12 @@ class CheckpointPlan:
     recompute: float
     forward: float
     host_bytes: int = 0
+    split: int = 1
+
+    @property
+    def recompute_share(self) -> float:
+        """Recomputation per token, as a share of a forward pass of the layers."""
+        return self.recompute / self.forward if self.forward else 0.0
 
     @property
     def spec(self) -> str:
@@ -413,9 +432,11 @@ class CheckpointPlan:
         lines.append(f"  estimated peak {self.peak_bytes / GIB:.2f} GiB ({self.state_bytes / GIB:.2f} GiB weights, "
                      f"gradients and optimizer state) against a budget of {self.budget_bytes / GIB:.2f} GiB"
                      + ("" if self.fits else ": DOES NOT FIT, the plan with the least memory was chosen"))
-        share = self.recompute / self.forward if self.forward else 0.0
         host = f"; {self.host_bytes / GIB:.2f} GiB of inputs in pinned host memory" if self.host_bytes else ""
-        lines.append(f"  recomputed per micro-step: {share:.0%} of a forward pass of the layers{host}")
+        lines.append(f"  recomputed: {self.recompute_share:.0%} of a forward pass of the layers{host}")
+        if self.split > 1:
+            lines.append(f"  each micro-batch runs as {self.split} sub-batches, one after another (their "
+                         f"gradients accumulate): each holds 1/{self.split} of the activations")
         return "\n".join(lines)
 
 
@@ -486,6 +507,32 @@ def plan_checkpointing(config, seq_len: int, micro_batch_size: int, budget_bytes
     return CheckpointPlan(layers, peak, state + grads, budget_bytes, cost, forward, host)
 
 
+def plan_split(config, seq_len: int, micro_batch_size: int, budget_bytes: int, *,
+               min_tokens: int = MIN_SPLIT_TOKENS, **kwargs) -> CheckpointPlan:
+    """The plan and the split of the micro-batch into sub-batches (see the module's notes).
+
+    Tries every divisor of ``micro_batch_size`` whose sub-batches keep ``min_tokens`` tokens,
+    fewest sub-batches first, planning each with ``plan_checkpointing`` (``kwargs`` go
+    to it). A split that fits beats one that does not; among those that fit, more sub-batches
+    are taken only if they cut the recomputation by ``MIN_SPLIT_GAIN`` of a forward pass per
+    token; if none fits, the plan with the smallest peak. Returns the ``CheckpointPlan`` of the
+    chosen sub-batch, with its ``split``.
+    """
+    best = None
+    for split in range(1, micro_batch_size + 1):
+        rows = micro_batch_size // split
+        if micro_batch_size % split or (split > 1 and rows * seq_len < min_tokens):
+            continue
+        plan = dataclasses.replace(plan_checkpointing(config, seq_len, rows, budget_bytes, **kwargs), split=split)
+        if best is None or (plan.fits and not best.fits):
+            best = plan
+        elif plan.fits and plan.recompute_share < best.recompute_share - MIN_SPLIT_GAIN:
+            best = plan
+        elif not plan.fits and not best.fits and plan.peak_bytes < best.peak_bytes:
+            best = plan
+    return best
+
+
 def _pareto(layers: list[LayerPlan], model: ActivationModel) -> list[LayerPlan]:
     """The layer plans no other beats on both kept memory and recompute cost, by memory."""
     scored = sorted(((model.kept_bytes(lp), model.recompute_cost(lp), str(lp)), lp) for lp in layers)
@@ -501,7 +548,8 @@ _MIXED_PRECISION_BYTES = {"bf16": (2, 4), "fp16": (2, 4), "no": (4, 4)}
 
 
 def plan_for_training(model, *, seq_len: int, micro_batch_size: int, device, mixed_precision: str = "bf16",
-                      world_size: int = 1, sharded: bool = False, budget_bytes: int | None = None) -> CheckpointPlan:
+                      world_size: int = 1, sharded: bool = False, budget_bytes: int | None = None,
+                      split: bool = False) -> CheckpointPlan:
     """Resolve ``gradient_checkpointing: auto`` for a training run and set the plan on ``model``.
 
     Args:
@@ -513,9 +561,11 @@ def plan_for_training(model, *, seq_len: int, micro_batch_size: int, device, mix
             optimizer state over them (then the layers also compute in the compute dtype).
         budget_bytes: the memory the plan must fit, in place of the config's
             ``checkpoint_memory_budget`` (the memory sweep matches another run's peak with it).
+        split: may run each micro-batch as sub-batches (``plan_split``); the caller runs them.
 
     Returns:
-        The ``CheckpointPlan`` now set on the model; ``describe()`` is the text to log.
+        The ``CheckpointPlan`` now set on the model (its ``split``: the sub-batches per
+        micro-batch); ``describe()`` is the text to log.
     """
     config = model.config
     device = torch.device(device)
@@ -527,8 +577,9 @@ def plan_for_training(model, *, seq_len: int, micro_batch_size: int, device, mix
     state = training_state_bytes(config, world_size if sharded else 1)
     if budget_bytes is None:
         budget_bytes = memory_budget_bytes(config.checkpoint_memory_budget, device)
-    plan = plan_checkpointing(config, seq_len, micro_batch_size, budget_bytes, compute, residual_bytes=residual,
-                              backend=backend, fused=fused, device_type=device.type,
-                              allow_offload=device.type == "cuda", state_bytes=state)
+    planner = plan_split if split else plan_checkpointing
+    plan = planner(config, seq_len, micro_batch_size, budget_bytes, dtype_bytes=compute, residual_bytes=residual,
+                   backend=backend, fused=fused, device_type=device.type, allow_offload=device.type == "cuda",
+                   state_bytes=state)
     model.set_checkpoint_plan(plan.layers)
     return plan

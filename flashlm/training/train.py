@@ -9,7 +9,8 @@ context length, output directory, tokenizer, data) and raises ``StartError`` bef
 writes anything, so a failed start never touches an existing run. Then it trains:
 
     at step 0:   evaluate (the untrained baseline)
-    every step:  ``grad_accum_steps`` micro-steps of forward/backward -> clip the global grad
+    every step:  ``grad_accum_steps`` micro-steps of forward/backward (each micro-batch in
+                 ``training.micro_batch_split`` sub-batches, one after another) -> clip the global grad
                  norm -> AdamW step -> log loss, lr, tokens/s, MFU and peak memory ->
                  evaluate (every ``eval_every`` steps and at the end) -> checkpoint (every
                  ``ckpt_every`` steps and at the end)
@@ -41,6 +42,7 @@ from flashlm import data as flashlm_data
 from flashlm.hf.convert import save_pretrained
 from flashlm.model import GPT, GPTConfig
 from flashlm.model.compile import compile_blocks, compile_enabled
+from flashlm.model.loss import IGNORE_INDEX
 from flashlm.model.plan import plan_for_training
 from flashlm.parallel import ContextParallel, apply_context_parallel
 from flashlm.parallel.fsdp import (all_finite, apply_fsdp, data_parallel_mesh, fsdp2_enabled, is_sharded,
@@ -130,6 +132,7 @@ class Run:
     resume_from: Path | None
     unigram_entropy: float
     layout: "ParallelLayout"
+    split: int = 1  # sub-batches per micro-batch (training.micro_batch_split, resolved)
 
 
 def setup(cfg: Recipe) -> Run:
@@ -191,11 +194,14 @@ def setup(cfg: Recipe) -> Run:
         apply_context_parallel(model, layout.cp.group, layout.cp.impl, layout.cp.balance)
     model.to(accelerator.device)  # before the optimizer, so fused AdamW sees device parameters
     sharded = fsdp2_enabled(accelerator)
+    split = 1 if t.micro_batch_split == "auto" else t.micro_batch_split
     if model.config.gradient_checkpointing == "auto":  # which layers to recompute, for this device and batch
         local_len = t.seq_len // layout.cp.size if layout.cp is not None else t.seq_len
-        plan = plan_for_training(model, seq_len=local_len, micro_batch_size=t.micro_batch_size,
+        plan = plan_for_training(model, seq_len=local_len, micro_batch_size=t.micro_batch_size // split,
                                  device=accelerator.device, mixed_precision=accelerator.mixed_precision,
-                                 world_size=accelerator.num_processes, sharded=sharded)
+                                 world_size=accelerator.num_processes, sharded=sharded,
+                                 split=t.micro_batch_split == "auto" and not t.document_mask)
+        split *= plan.split
         accelerator.print(plan.describe())
     if compile_enabled(model.config, accelerator.device):
         compile_blocks(model)
@@ -207,7 +213,23 @@ def setup(cfg: Recipe) -> Run:
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
     return Run(cfg, accelerator, model, optimizer, tokenizer, data, train_loader, checkpoints, resume_from, unigram,
-               layout)
+               layout, split)
+
+
+def sub_batches(batch: dict[str, Any], split: int):
+    """A data batch's rows in ``split`` equal parts, each with the weight that makes the weighted
+    sum of their mean losses the whole batch's mean: its share of the batch's targets (labels
+    other than IGNORE_INDEX past each row's first position), or 1/split without labels. Only
+    input_ids and labels are split: the parts are for a run without document_mask."""
+    if split == 1:
+        return [(batch, 1.0)]
+    keys = [k for k in ("input_ids", "labels") if k in batch]
+    parts = [dict(zip(keys, rows)) for rows in zip(*(batch[k].chunk(split) for k in keys))]
+    if "labels" not in batch:
+        return [(part, 1.0 / split) for part in parts]
+    counts = [(part["labels"][:, 1:] != IGNORE_INDEX).sum() for part in parts]
+    total = sum(counts).clamp(min=1)
+    return [(part, count / total) for part, count in zip(parts, counts)]
 
 
 @dataclass
@@ -372,12 +394,13 @@ def main(cfg: Recipe) -> dict[str, Any]:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=accelerator.device)
         for micro in range(t.grad_accum_steps):
-            # Gradients are all-reduced only on the last micro-step of the accumulation.
-            sync = micro == t.grad_accum_steps - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss = batch_loss(model, next(train_loader), t.document_mask, accelerator.device, run.layout.cp)
-                accelerator.backward(loss / t.grad_accum_steps)
-            loss_sum += loss.detach()
+            for sub, (batch, weight) in enumerate(sub_batches(next(train_loader), run.split)):
+                # Gradients are all-reduced only on the last pass of the accumulation.
+                sync = micro == t.grad_accum_steps - 1 and sub == run.split - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    loss = batch_loss(model, batch, t.document_mask, accelerator.device, run.layout.cp) * weight
+                    accelerator.backward(loss / t.grad_accum_steps)
+                loss_sum += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
         # One host sync per step (none per micro-step): both values are reduced over processes.
         bad = _nonfinite(loss_sum, grad_norm)

@@ -34,7 +34,10 @@ after the warm-up one(s). Rows:
                      planner picks, for each context, the plan with the least recomputation
                      whose estimated peak fits --budget (GiB, or a fraction of the GPU, or the
                      name of a Hugging Face row: that row's measured peak at the same context),
-                     and the row records the plan and its predicted peak beside the measured one
+                     and the row records the plan and its predicted peak beside the measured one;
+                     the plan may run the step's batch as sub-batches (``plan_split``, shown as
+                     "4 x (plan)"), as the trainer's training.micro_batch_split: auto does
+    flashlm_auto_whole  flashlm_auto with the batch always whole (the split's gain)
   --compile compiles the decoder blocks of every flashlm row (flashlm.model.compile).
 
 On a GPU with a known bf16 peak each measurement also gets its MFU (`GPT.flops_per_token` of
@@ -112,15 +115,20 @@ ROWS = {
     "flashlm_nondet": ("flashlm, all levers, attention outputs kept, non-deterministic attention backward",
                        dict(attn_backend="flash", **LEVERS, checkpoint_keep_attention=True,
                             attention_deterministic=False)),
-    "flashlm_auto": ("flashlm, levers, per-layer checkpointing planned within --budget",
+    "flashlm_auto": ("flashlm, levers, per-layer checkpointing and micro-batch split planned within --budget",
                      dict(attn_backend="flash",
                           **{**LEVERS, "checkpoint_offload": False, "gradient_checkpointing": "auto"})),
+    "flashlm_auto_whole": ("flashlm, levers, per-layer checkpointing planned within --budget, micro-batch whole",
+                           dict(attn_backend="flash",
+                                **{**LEVERS, "checkpoint_offload": False, "gradient_checkpointing": "auto"})),
 }
+# Rows whose plan may run the step's batch as sub-batches (training.micro_batch_split: auto).
+SPLIT_ROWS = {"flashlm_auto"}
 DEFAULT_ROWS = ["flashlm", "flashlm_keepattn", "flashlm_sdpa", "flashlm_eager", "hf", "hf_liger"]
 # Run order within a preset: the headline rows first, so a tight budget cuts the others.
 ORDER = ["flashlm", "hf", "hf_liger", "hf_liger_nockpt", "flashlm_keepattn", "flashlm_sdpa", "flashlm_eager",
          "flashlm_plain", "flashlm_ckpt", "flashlm_bf16", "flashlm_mlp", "flashlm_liger", "flashlm_torch_ops",
-         "flashlm_nondet", "flashlm_auto"]
+         "flashlm_nondet", "flashlm_auto", "flashlm_auto_whole"]
 REFERENCE_ROW = "hf_liger"
 FIRST_GUESS = 15.0
 
@@ -266,9 +274,10 @@ class Meter:
                 self.peak = max(self.peak or 0, baseline + live.peak)
 
 
-def measure(model, loss_fn, optimizer, context, args, device, deadline, budget_bytes=None):
+def measure(model, loss_fn, optimizer, context, args, device, deadline, budget_bytes=None, split=False):
     """Warm-up and timed training steps at one context; returns the measurement's fields.
-    ``budget_bytes``: the memory an auto plan must fit (default: the config's budget)."""
+    ``budget_bytes``: the memory an auto plan must fit (default: the config's budget);
+    ``split``: the plan may run the batch as sub-batches, as the trainer does."""
     batch = max(1, args.tokens_per_step // context)
     tokens = batch * context
     gen = torch.Generator(device=device).manual_seed(context)
@@ -277,15 +286,20 @@ def measure(model, loss_fn, optimizer, context, args, device, deadline, budget_b
     limit = args.cpu_memory_limit_mb * 2**20 if args.cpu_memory_limit_mb else None
     meter = Meter(device, model, optimizer, limit)
 
+    parts = 1
+
     def step():
         ids = torch.randint(0, vocab, (batch, context), device=device, generator=gen)
+        total = 0.0
         with meter.measure():
-            with autocast:
-                loss = loss_fn(model, ids)
-            loss.backward()
+            for rows in ids.chunk(parts):
+                with autocast:
+                    loss = loss_fn(model, rows) / parts
+                loss.backward()
+                total += loss.detach()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return total.item()
 
     def sync():
         if device.type == "cuda":
@@ -294,10 +308,11 @@ def measure(model, loss_fn, optimizer, context, args, device, deadline, budget_b
     result = {"batch": batch, "tokens_per_step": tokens}
     if isinstance(model, GPT) and model.config.gradient_checkpointing == "auto":
         planned = plan_for_training(model, seq_len=context, micro_batch_size=batch, device=device,
-                                    budget_bytes=budget_bytes)
+                                    budget_bytes=budget_bytes, split=split)
         print(planned.describe(), flush=True)
-        result.update(plan=planned.spec, predicted_peak_gib=planned.peak_bytes / 2**30,
-                      budget_gib=planned.budget_bytes / 2**30)
+        parts = planned.split
+        result.update(plan=planned.spec if parts == 1 else f"{parts} x ({planned.spec})",
+                      predicted_peak_gib=planned.peak_bytes / 2**30, budget_gib=planned.budget_bytes / 2**30)
     sync()
     start = time.perf_counter()
     losses = [step() for _ in range(args.warmup)]
@@ -437,7 +452,7 @@ def run(args, record):
             failure = None
             try:
                 fields = measure(model, loss_fn, optimizer, context, args, device, deadline,
-                                 reference_budget_bytes(args.budget, peaks, preset, context))
+                                 reference_budget_bytes(args.budget, peaks, preset, context), split=row in SPLIT_ROWS)
                 peaks[(preset, row, context)] = fields["peak_gib"]
                 if fields.get("tokens_per_s") and peak_flops:
                     fields["mfu"] = flops_per_token(preset, context) * fields["tokens_per_s"] / peak_flops
