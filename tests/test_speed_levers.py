@@ -26,7 +26,8 @@ from flashlm import GPT, GPTConfig
 from flashlm.model import checkpointing
 from flashlm.model.compile import compile_blocks, compile_enabled, uncompile_blocks
 from flashlm.model.plan import (GIB, MIN_SPLIT_GAIN, MIN_SPLIT_TOKENS, ActivationModel, LayerPlan, format_plan,
-                               parse_plan, plan_checkpointing, plan_for_training, plan_split)
+                               estimate, parse_plan, plan_checkpointing, plan_for_training, plan_split,
+                               training_state_bytes)
 
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=96, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128)
@@ -205,8 +206,13 @@ def test_splitting_the_micro_batch_cuts_recomputation_in_the_same_budget():
     assert whole.fits and split.fits and split.split > 1 and whole.split == 1
     assert split.recompute_share < whole.recompute_share - MIN_SPLIT_GAIN
     assert 8 // split.split * 4096 >= MIN_SPLIT_TOKENS
-    assert split == dataclasses.replace(plan_checkpointing(config, 4096, 8 // split.split, budget),
+    # Sub-batches after the first run with every gradient held: the sub-batch's plan with them.
+    assert split == dataclasses.replace(plan_checkpointing(config, 4096, 8 // split.split, budget, accumulating=True),
                                         split=split.split)
+    model = ActivationModel(config, tokens=8 // split.split * 4096, seq_len=4096)
+    state, grads = training_state_bytes(config)
+    assert estimate(split.layers, model, state + grads, 0)[0] == split.peak_bytes
+    assert estimate(split.layers, model, state, grads)[0] < split.peak_bytes  # one pass: they build up
     assert "each micro-batch runs as" in split.describe() and "sub-batches" not in whole.describe()
     # With room for every layer whole, a sub-batch of mlp_chunk_size tokens runs its MLP
     # unchunked and so recomputes nothing; an unchunked MLP has nothing to gain from a split.
@@ -240,13 +246,19 @@ def test_recompute_cost_counts_the_products_the_backward_runs(plan, mlp_chunk):
     """The planner's cost of a plan, in matrix products, is what a training step runs beyond a
     whole model's: the recomputed q|k|v, o and gate|up products (never down_proj, whose value
     the recomputation does not need), kept products skipped, and a whole layer's chunked MLP
-    recomputing gate|up. Counted on the CPU with SDPA (its attention is not a matmul op)."""
+    recomputing gate|up. Counted on the CPU with SDPA, whose CPU kernel is not a matmul op, on
+    any test device: on CUDA, fp32 SDPA with grouped heads can take its math path, whose
+    matmuls would count the recomputed attention too (4 x the attention forward's FLOPs here
+    on the H100)."""
     seqlen, rows = 48, 2
     def step_flops(overrides, layers=None):
-        model = build(dict(attn_backend="sdpa", **overrides), layers)
+        torch.manual_seed(1)
+        model = GPT(GPTConfig(**{**TINY, "attn_backend": "sdpa", **overrides}))
+        if layers is not None:
+            model.set_checkpoint_plan(layers)
         counter = MatmulFlops()
         with counter:
-            step(model, ids_of(seqlen, rows))
+            step(model, ids_of(seqlen, rows).cpu())
         return counter.flops
 
     whole = step_flops({})

@@ -200,7 +200,8 @@ def setup(cfg: Recipe) -> Run:
         plan = plan_for_training(model, seq_len=local_len, micro_batch_size=t.micro_batch_size // split,
                                  device=accelerator.device, mixed_precision=accelerator.mixed_precision,
                                  world_size=accelerator.num_processes, sharded=sharded,
-                                 split=t.micro_batch_split == "auto" and not t.document_mask)
+                                 split=t.micro_batch_split == "auto" and not t.document_mask,
+                                 grad_accum_steps=t.grad_accum_steps * split)
         split *= plan.split
         accelerator.print(plan.describe())
     if compile_enabled(model.config, accelerator.device):
