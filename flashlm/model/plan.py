@@ -84,11 +84,11 @@ gradients.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
 import os
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
