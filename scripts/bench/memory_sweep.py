@@ -92,6 +92,8 @@ DEFAULT_CONTEXTS = [4 * K, 8 * K, 16 * K, 32 * K, 64 * K, 128 * K, 256 * K, 512 
 BASE_MAX_CONTEXT = 128 * K
 LEVERS = dict(loss_chunk_size=2048, gradient_checkpointing=True, checkpoint_dtype="bfloat16",
               checkpoint_offload=True, mlp_chunk_size=16384, fused_ops="auto")
+# The planned rows: the planner decides per layer what the offload and checkpointing levers fix.
+AUTO_LEVERS = dict(attn_backend="flash", **{**LEVERS, "checkpoint_offload": False, "gradient_checkpointing": "auto"})
 ROWS = {
     "flashlm": ("flashlm, all levers", dict(attn_backend="flash", **LEVERS)),
     "flashlm_keepattn": ("flashlm, all levers, attention outputs kept for the recomputation",
@@ -116,11 +118,9 @@ ROWS = {
                        dict(attn_backend="flash", **LEVERS, checkpoint_keep_attention=True,
                             attention_deterministic=False)),
     "flashlm_auto": ("flashlm, levers, per-layer checkpointing and micro-batch split planned within --budget",
-                     dict(attn_backend="flash",
-                          **{**LEVERS, "checkpoint_offload": False, "gradient_checkpointing": "auto"})),
+                     AUTO_LEVERS),
     "flashlm_auto_whole": ("flashlm, levers, per-layer checkpointing planned within --budget, micro-batch whole",
-                           dict(attn_backend="flash",
-                                **{**LEVERS, "checkpoint_offload": False, "gradient_checkpointing": "auto"})),
+                           AUTO_LEVERS),
 }
 # Rows whose plan may run the step's batch as sub-batches (training.micro_batch_split: auto).
 SPLIT_ROWS = {"flashlm_auto"}
