@@ -196,8 +196,10 @@ class TrainingConfig:
     # Run each micro-batch as this many equal sub-batches, forward and backward one after
     # another, their gradients accumulating: less activation memory per pass, the same step to
     # fp32 rounding. "auto": the plan of model.gradient_checkpointing "auto" picks it
-    # (flashlm.model.plan.plan_split), otherwise 1. Not with document_mask.
-    micro_batch_split: int | Literal["auto"] = "auto"
+    # (flashlm.model.plan.plan_split), otherwise 1. Not with document_mask. Default 1: on the
+    # H100 the planned split ran slower than the whole batch in the same memory (1b at 4K and
+    # 8K: 0.95x and 0.83x; results/memory/experiments/split_planned_1b_4k_16k_2d321da.md).
+    micro_batch_split: int | Literal["auto"] = 1
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "seq_len", "keep_last"):

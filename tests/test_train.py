@@ -202,7 +202,7 @@ def test_micro_batch_split_takes_the_same_steps(make_recipe, monkeypatch, capsys
 
     real_plan = train.plan_for_training
     monkeypatch.setattr(train, "plan_for_training", plan_in_two)
-    cfg, _ = make_recipe("--training.steps=3", "--model.gradient_checkpointing=auto",
+    cfg, _ = make_recipe("--training.steps=3", "--model.gradient_checkpointing=auto", "--training.micro_batch_split=auto",
                          "--model.checkpoint_memory_budget=0.5", name="auto")
     main(cfg)
     assert planned == [True] and "each micro-batch runs as 2 sub-batches" in capsys.readouterr().out

@@ -34,10 +34,9 @@ after the warm-up one(s). Rows:
                      planner picks, for each context, the plan with the least recomputation
                      whose estimated peak fits --budget (GiB, or a fraction of the GPU, or the
                      name of a Hugging Face row: that row's measured peak at the same context),
-                     and the row records the plan and its predicted peak beside the measured one;
-                     the plan may run the step's batch as sub-batches (``plan_split``, shown as
-                     "4 x (plan)"), as the trainer's training.micro_batch_split: auto does
-    flashlm_auto_whole  flashlm_auto with the batch always whole (the split's gain)
+                     and the row records the plan and its predicted peak beside the measured one
+    flashlm_auto_split  flashlm_auto whose plan may also run the step's batch as sub-batches
+                     (``plan_split``, shown as "4 x (plan)"), as training.micro_batch_split: auto does
   --compile compiles the decoder blocks of every flashlm row (flashlm.model.compile).
 
 On a GPU with a known bf16 peak each measurement also gets its MFU (`GPT.flops_per_token` of
@@ -117,18 +116,17 @@ ROWS = {
     "flashlm_nondet": ("flashlm, all levers, attention outputs kept, non-deterministic attention backward",
                        dict(attn_backend="flash", **LEVERS, checkpoint_keep_attention=True,
                             attention_deterministic=False)),
-    "flashlm_auto": ("flashlm, levers, per-layer checkpointing and micro-batch split planned within --budget",
-                     AUTO_LEVERS),
-    "flashlm_auto_whole": ("flashlm, levers, per-layer checkpointing planned within --budget, micro-batch whole",
+    "flashlm_auto": ("flashlm, levers, per-layer checkpointing planned within --budget", AUTO_LEVERS),
+    "flashlm_auto_split": ("flashlm, levers, per-layer checkpointing and micro-batch split planned within --budget",
                            AUTO_LEVERS),
 }
 # Rows whose plan may run the step's batch as sub-batches (training.micro_batch_split: auto).
-SPLIT_ROWS = {"flashlm_auto"}
+SPLIT_ROWS = {"flashlm_auto_split"}
 DEFAULT_ROWS = ["flashlm", "flashlm_keepattn", "flashlm_sdpa", "flashlm_eager", "hf", "hf_liger"]
 # Run order within a preset: the headline rows first, so a tight budget cuts the others.
 ORDER = ["flashlm", "hf", "hf_liger", "hf_liger_nockpt", "flashlm_keepattn", "flashlm_sdpa", "flashlm_eager",
          "flashlm_plain", "flashlm_ckpt", "flashlm_bf16", "flashlm_mlp", "flashlm_liger", "flashlm_torch_ops",
-         "flashlm_nondet", "flashlm_auto", "flashlm_auto_whole"]
+         "flashlm_nondet", "flashlm_auto", "flashlm_auto_split"]
 REFERENCE_ROW = "hf_liger"
 FIRST_GUESS = 15.0
 
