@@ -27,8 +27,10 @@ import torch
 WRITTEN = {"Y", "RSTD", "DX", "DW_PARTIAL", "QO", "KO", "OUT", "DGU"}
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=96, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128)
-# What loop_programs returns on an H100 (eight programs per SM, 132 SMs).
-GPU_PROGRAMS = 8 * 132
+# loop_programs on the GPU: a fixed count, more programs than the probe's rows have blocks, as
+# an H100's 8 * 132 is for real lengths (every program has at most one block, the rest write
+# zeros). Not 1056 itself: the interpreter runs programs one by one, 20 s a step.
+GPU_PROGRAMS = 64
 
 
 def skip(reason):

@@ -110,9 +110,8 @@ CASES = [
 # Documents ending exactly at chunk boundaries: every rank's work is local, the ring sends
 # nothing.
 LOCAL_DOCS = Case(name="causal-chunk-aligned-docs", doc_lengths=(12,), impls=("ring",))
-# Same data at every world size for the drift test: S = 64 splits into 2N chunks up to N = 8;
-# Ulysses, which needs heads divisible by N, runs it up to N = 4 (its K/V heads are
-# replicated there, so its fp32 sum of dK/dV replicas is exercised).
+# Same data at every world size for the drift test: S = 64 splits into 2N chunks up to N = 4;
+# at N = 4 Ulysses replicates its 2 K/V heads, so its fp32 sum of dK/dV replicas is exercised.
 DRIFT = [Case(name=f"drift-{dtype}", nheads=4, nheads_k=2, seqlen=64, dtype=dtype,
               doc_lengths=(25, 5, 34), seed=2) for dtype in ("float32", "float16")]
 # Ring and allgather on the layout that balances packed documents (`document_layout`): chunks of
@@ -126,11 +125,10 @@ BALANCED = [
          balance="documents", impls=("ring", "allgather"), seed=3),
 ]
 # Four ranks (ring steps that neither start nor end the ring, documents over three shards) run a
-# subset, to keep the suite's time: the full-attention d128 cases, the batch of 2 and the third
-# balanced layout run at two ranks only.
-FOUR_RANKS = [c for c in CASES if c.name not in ("full-gqa-d128", "full-window-docs-d128", "causal-batch2-gqa-d64")]
-WORLD_CASES = {1: DRIFT, 2: CASES + [LOCAL_DOCS] + DRIFT + BALANCED, 4: FOUR_RANKS + [LOCAL_DOCS] + DRIFT + BALANCED[:2],
-               8: DRIFT}
+# subset, to keep the suite's time: the cases with documents (causal, and with a window) and the
+# first two balanced layouts; the others run at two ranks only.
+FOUR_RANKS = [c for c in CASES if c.name in ("causal-gqa-docs-d64", "causal-window-docs-gqa-d64")]
+WORLD_CASES = {1: DRIFT, 2: CASES + [LOCAL_DOCS] + DRIFT + BALANCED, 4: FOUR_RANKS + [LOCAL_DOCS] + DRIFT + BALANCED[:2]}
 
 
 def at_world_sizes(cases, worlds=(2, 4)):
@@ -351,7 +349,7 @@ def test_document_layout_matches_single_process(runs, world, case, impl):
         assert torch.equal(r["unsharded"], got[0])
 
 
-@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_unshard_inverts_shard_and_differentiates(runs, world):
     assert all(r["unshard_ok"] for r in runs(world))
 
@@ -384,11 +382,11 @@ def test_bytes_sent_match_the_formula(runs, world, case, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", DRIFT, ids=lambda c: c.name)
 def test_error_does_not_grow_with_world_size(runs, case, impl):
-    """The same problem at N = 1, 2, 4, 8: the error against fp64 stays within twice the N = 1
+    """The same problem at N = 1, 2, 4: the error against fp64 stays within twice the N = 1
     error (partial results merge in fp32), and each N passes the house rule."""
     ref64 = _single_process(case, 1, torch.float64)
     errors = {}
-    for world in (w for w in (1, 2, 4, 8) if _runs(case, impl, w)):
+    for world in (w for w in (1, 2, 4) if _runs(case, impl, w)):
         got, _ = _cp_result(runs(world), case, impl, world)
         _check(case, got, world)
         errors[world] = [max_error(g, r) for g, r in zip(got, ref64)]

@@ -90,12 +90,14 @@ def test_fsdp2_with_context_parallel_allgather_tracks_one_process(recipe):
     context-parallel ranks shard the model between them, and the losses equal one process's."""
     one, one_eval, _ = run(recipe, name="one")
     both, both_eval, out = run(recipe, "--parallel.context_parallel_size=2", "--parallel.context_parallel_impl=allgather",
-                               config="cpu_2proc_fsdp2.yaml", name="both")
+                               "--ckpt_every=2", "--keep_last=2", config="cpu_2proc_fsdp2.yaml", name="both")
     assert "memory per process after step 1" in out
     assert_same_curve(one, both)
     assert_same_curve(one_eval, both_eval)
     # The sharded checkpoint exports, in this one process without a process group, to the same
     # Hugging Face model as the one-process run's checkpoint (logits through transformers).
+    import shutil
+
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -103,22 +105,23 @@ def test_fsdp2_with_context_parallel_allgather_tracks_one_process(recipe):
     from flashlm.hf.export import main as export_main
     from flashlm.training.sharded_checkpoint import is_sharded_checkpoint
 
-    assert is_sharded_checkpoint(next((recipe.parent / "both" / "checkpoints").glob("step_*")))
+    checkpoints = recipe.parent / "both" / "checkpoints"
+    assert is_sharded_checkpoint(checkpoints / "step_00000004")
     exports = [export_main(ExportArgs(source=str(recipe.parent / name), output_dir=str(recipe.parent / f"{name}_hf")))
                for name in ("one", "both")]
     ids = torch.randint(0, 4096, (2, 48), generator=torch.Generator().manual_seed(0))
     logits = [AutoModelForCausalLM.from_pretrained(path)(ids).logits for path in exports]
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
-    # Stopped after the step-2 checkpoint, with a save of step 4 cut short on one rank (its
-    # staging directory holds one rank's shard and no metadata): the resume starts from step 2
-    # and continues the same curve, resharded onto one process.
-    args = ("--parallel.context_parallel_size=2", "--parallel.context_parallel_impl=allgather", "--ckpt_every=2")
-    run(recipe, *args, "--stop_at_step=2", config="cpu_2proc_fsdp2.yaml", name="cut")
-    staging = recipe.parent / "cut" / "checkpoints" / ".step_00000004.tmp" / "pytorch_model_fsdp_0"
+    # As if stopped after the step-2 checkpoint, with the save of step 4 cut short on one rank
+    # (its staging directory holds one rank's shard and no metadata): the resume starts from
+    # step 2 and continues the same curve, resharded onto one process.
+    shutil.rmtree(checkpoints / "step_00000004")
+    staging = checkpoints / ".step_00000004.tmp" / "pytorch_model_fsdp_0"
     staging.mkdir(parents=True)
     (staging / "__0_0.distcp").write_bytes(b"half a shard")
-    resumed, _, out = run(recipe, "--ckpt_every=2", "--resume", name="cut")
-    assert "resuming from" in out and "step_00000002" in out
+    resumed, _, out = run(recipe, "--ckpt_every=2", "--keep_last=2", "--resume", name="both")
+    # A resume drops the logged steps past its own, so steps 3 and 4 of the curve are its.
+    assert "resuming from" in out and "step_00000002 at step 2" in out
     assert_same_curve(one, resumed)
 
 
@@ -137,23 +140,38 @@ def test_memory_levers_compose_with_context_parallelism(recipe):
 
 
 def test_bad_context_parallel_configurations_fail_at_start(recipe):
-    """Bad layouts are refused before training, with the key and the reason."""
+    """Bad layouts are refused before training, with the key and the reason: one through
+    `accelerate launch` (the refusal reaches the user and no run directory is made), the rest
+    by the same checks in this process, against a launch of 2 processes."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from flashlm.model import GPTConfig
+    from flashlm.recipe import RecipeError, load_recipe
+    from flashlm.training.train import StartError, parallel_layout
+
+    cmd = LAUNCH + ["--config_file", str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"), "-m",
+                    "flashlm.training.train", str(recipe), f"--output_dir={recipe.parent / 'bad'}",
+                    "--parallel.context_parallel_size=4", "--seq_len=64"]
+    proc = subprocess.run(cmd, env=cpu_process_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "does not divide the 2 processes" in proc.stderr, proc.stderr[-2000:]
+    assert not (recipe.parent / "bad").exists()
+
+    with pytest.raises(RecipeError, match=r"must be a multiple of 2 \* parallel.context_parallel_size"):
+        load_recipe(recipe, ["--parallel.context_parallel_size=3"])
+    two_processes = SimpleNamespace(num_processes=2, process_index=0, device=torch.device("cpu"))
     cases = [
-        (["--parallel.context_parallel_size=3"], "cpu_2proc.yaml", "must be a multiple of 2 * parallel.context_parallel_size"),
-        (["--parallel.context_parallel_size=4", "--seq_len=64"], "cpu_2proc.yaml", "does not divide the 2 processes"),
-        (["--parallel.context_parallel_size=2", "--model.attn_backend=sdpa"], "cpu_2proc.yaml",
-         "context parallelism runs flashlm's kernel"),
+        (["--parallel.context_parallel_size=2", "--model.attn_backend=sdpa"], "context parallelism runs flashlm's kernel"),
         (["--parallel.context_parallel_size=2", "--parallel.context_parallel_impl=ulysses",
-          "--model.num_key_value_heads=1", "--model.num_attention_heads=3", "--model.hidden_size=48"], "cpu_2proc.yaml",
+          "--model.num_key_value_heads=1", "--model.num_attention_heads=3", "--model.hidden_size=48"],
          "ulysses' splits heads"),
     ]
-    for overrides, config, message in cases:
-        cmd = LAUNCH + ["--config_file", str(REPO / "recipes" / "accelerate" / config), "-m", "flashlm.training.train",
-                        str(recipe), f"--output_dir={recipe.parent / 'bad'}", *overrides]
-        env = cpu_process_env()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode != 0 and message in proc.stderr, (overrides, proc.stderr[-2000:])
-        assert not (recipe.parent / "bad").exists()
+    for overrides, message in cases:
+        cfg = load_recipe(recipe, overrides)
+        config = GPTConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
+        with pytest.raises(StartError, match=message):
+            parallel_layout(cfg, two_processes, config)
 
 
 def _inner_boundaries(recipe_path):
