@@ -87,6 +87,10 @@ class DataConfig:
     # random_spans: past a 2-6-token cue, the sources filled with random tokens; the ladder's choice).
     retrieval_share: float = 0.0
     retrieval_kind: Literal["facts", "spans", "random_spans"] = "facts"
+    # spans, random_spans: each planted block gets 1 to this many copies (uniformly). A long
+    # block with few copies gives little practice at long distances: 128K tokens and 4 copies
+    # is one copy per 32K tokens, where a 4K block gets one per 1.6K.
+    retrieval_max_spans: int = 4
 
     def __post_init__(self):
         _check(bool(self.path), "data.path", self.path, "must name a file, folder, glob or hub dataset")
@@ -111,6 +115,9 @@ class DataConfig:
                self.retrieval_share, "applies to kind: text without streaming only")
         _check(self.retrieval_kind in ("facts", "spans", "random_spans"), "data.retrieval_kind", self.retrieval_kind,
                "must be 'facts', 'spans' or 'random_spans'")
+        spans = self.retrieval_max_spans
+        _check(isinstance(spans, int) and not isinstance(spans, bool) and spans >= 1, "data.retrieval_max_spans",
+               spans, "must be a whole number >= 1")
         if self.kind == "text":
             _check(not self.truncation, "data.truncation", self.truncation, "applies to kind: sft only")
             _check(self.chat_template is None, "data.chat_template", self.chat_template, "applies to kind: sft only")

@@ -378,6 +378,32 @@ def test_each_copied_span_equals_an_intact_earlier_span():
     assert len(lengths) > 10 and counts >= {1, 2, 3, 4}
 
 
+def test_max_spans_sets_how_many_copies_a_block_gets():
+    """retrieval_max_spans: 1 to N copies a block, each one the whole of a span's twin; N = 1
+    gives exactly one, a larger N up to N (as many as the segment holds)."""
+    rng = np.random.default_rng(2)
+    for max_spans in (1, 16):
+        counts = set()
+        for trial in range(100):
+            block = np.arange(40_000)
+            assert _copy_spans(block, 0, 40_000, rng, max_spans=max_spans)
+            changed = np.flatnonzero(block != np.arange(40_000))
+            counts.add(len(np.split(changed, np.flatnonzero(np.diff(changed) > 1) + 1)))
+        assert max(counts) == max_spans and (max_spans == 1 or len(counts) > 8), counts
+
+
+def test_retrieval_max_spans_reaches_the_blocks_through_the_recipe(tok, tmp_path):
+    """More copies a block through prepare_data: more of each planted block is changed."""
+    path = write_jsonl(tmp_path / "c.jsonl", make_docs(seed=4, n=60, max_words=400))
+    plain = prepare_data(config(path, tmp_path, eval_docs=5), tok, seq_len=512)
+    changed = {}
+    for spans in (1, 8):
+        mixed = prepare_data(config(path, tmp_path, eval_docs=5, retrieval_share=1.0, retrieval_kind="spans",
+                                    retrieval_max_spans=spans), tok, seq_len=512)
+        changed[spans] = int((mixed.train.blocks != plain.train.blocks).sum())
+    assert changed[8] > 2 * changed[1] > 0, changed
+
+
 def test_random_spans_repeat_a_cue_and_a_random_sequence():
     """random_spans: each source keeps its first 2-6 tokens of the document (the cue) and is
     random tokens from the pool after them; its copy, later, repeats cue and random tokens.
@@ -601,7 +627,7 @@ def test_text_that_is_not_utf8_names_the_file(tok, tmp_path):
 @pytest.mark.parametrize(
     "field,value",
     [("eval_fraction", 1.5), ("eval_docs", -1), ("format", "csv"), ("sample_by", "word"), ("num_proc", 0),
-     ("retrieval_share", 1.5), ("retrieval_kind", "needles")],
+     ("retrieval_share", 1.5), ("retrieval_kind", "needles"), ("retrieval_max_spans", 0)],
 )
 def test_config_errors_name_field_and_value(field, value):
     with pytest.raises(RecipeError, match=f"data.{field}={value!r} is invalid"):

@@ -48,7 +48,7 @@ ANSWER = '{value}"\n'
 MAX_FACTS = 4
 KINDS = ("facts", "spans", "random_spans")
 SPAN_TOKENS = (16, 48)  # a copied span's length, inclusive
-MAX_SPANS = 4
+MAX_SPANS = 4  # the default of data.retrieval_max_spans
 CUE_TOKENS = (2, 6)  # random_spans: a source's first tokens kept from the document, inclusive
 _NAME_CHARS = string.ascii_lowercase + string.digits
 
@@ -85,10 +85,11 @@ def _fact_texts(rng: np.random.Generator, n_facts: int) -> tuple[list[str], str]
 
 
 def plant_retrieval(blocks: np.ndarray, starts: np.ndarray, tokenizer, share: float, seed: int,
-                    kind: str = "facts") -> int:
-    """Plant facts and a question, or span copies (``kind``, see the module docstring), in
-    ``round(share * len(blocks))`` seeded blocks, in place. Returns the number of blocks planted;
-    a block whose longest segment cannot hold them with room to spare is skipped."""
+                    kind: str = "facts", max_spans: int = MAX_SPANS) -> int:
+    """Plant facts and a question, or span copies (``kind``, see the module docstring; 1 to
+    ``max_spans`` copies a block), in ``round(share * len(blocks))`` seeded blocks, in place.
+    Returns the number of blocks planted; a block whose longest segment cannot hold them with
+    room to spare is skipped."""
     if kind not in KINDS:
         raise ValueError(f"retrieval kind {kind!r} must be one of {KINDS}")
     if share <= 0 or len(blocks) == 0:
@@ -100,7 +101,8 @@ def plant_retrieval(blocks: np.ndarray, starts: np.ndarray, tokenizer, share: fl
         if kind == "random_spans":
             special = set(tokenizer.all_special_ids)
             pool = np.asarray([i for i in range(len(tokenizer)) if i not in special], dtype=blocks.dtype)
-        return sum(_copy_spans(blocks[row], *longest_segment(starts[row]), rng, pool) for row in np.sort(chosen))
+        return sum(_copy_spans(blocks[row], *longest_segment(starts[row]), rng, pool, max_spans)
+                   for row in np.sort(chosen))
 
     def encode(text):
         return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=blocks.dtype)
@@ -121,13 +123,14 @@ def plant_retrieval(blocks: np.ndarray, starts: np.ndarray, tokenizer, share: fl
     return planted
 
 
-def _copy_spans(block: np.ndarray, lo: int, hi: int, rng: np.random.Generator, pool: np.ndarray | None = None) -> bool:
-    """Copy 1 to ``MAX_SPANS`` random spans of ``block[lo:hi]`` each to a random later place in
+def _copy_spans(block: np.ndarray, lo: int, hi: int, rng: np.random.Generator, pool: np.ndarray | None = None,
+                max_spans: int = MAX_SPANS) -> bool:
+    """Copy 1 to ``max_spans`` random spans of ``block[lo:hi]`` each to a random later place in
     it, in place; sources and copies never overlap, so every copy equals its source afterwards.
     With ``pool``, each source is first filled with tokens drawn from it. False (nothing
     changed) when the segment is shorter than four times a span."""
     length = int(rng.integers(SPAN_TOKENS[0], SPAN_TOKENS[1] + 1))
-    n = min(int(rng.integers(1, MAX_SPANS + 1)), (hi - lo) // (4 * length))
+    n = min(int(rng.integers(1, max_spans + 1)), (hi - lo) // (4 * length))
     if n == 0:
         return False
     places = sorted(_spread(rng, hi - lo, [length] * (2 * n)))
