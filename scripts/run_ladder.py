@@ -68,8 +68,9 @@ TIME_LIMIT_STATUS = 75  # EX_TEMPFAIL: stopped at --time-limit, run the same com
 TINY_SCALE = 16
 
 # Training tokens/s of the 100m model on one H100 (bf16), for the time estimate of --dry-run:
-# 4K from the first ladder run (results/ladder/experiments/ladder_novels_1M.md, no checkpointing); 8K-128K from the memory
-# sweep's flashlm_keepattn row (results/memory/memory_sweep.md, every lever on).
+# 4K from the first ladder run (results/ladder/experiments/ladder_novels_1M.md, no
+# checkpointing); 8K-128K from the memory sweep's flashlm_keepattn row
+# (results/memory/memory_sweep.md, every lever on).
 H100_100M_TOKENS_PER_S = {4096: 421e3, 8192: 259e3, 16384: 189e3, 32768: 127e3, 65536: 74.6e3, 131072: 40.9e3}
 # Assumed forward rate of the evaluation (bf16, mostly flash attention's forward kernel, which
 # measured 440-630 TFLOP/s in the kernel benchmark): an estimate, not a measurement.
