@@ -22,8 +22,9 @@ evaluation measures retrieval the model learned, not the template it memorized.
 ``data.retrieval_kind: spans`` plants no template at all: it copies one to ``max_spans``
 (``data.retrieval_max_spans``, default 4) random spans of the segment (16 to 48 tokens each)
 to random later places in it, over the text there. Predicting a copy past its first tokens
-means finding where the text now being read appeared before and reading on from there: the skill every retrieval prompt asks for, taught on the corpus's own
-text, at every distance the block allows, with nothing to memorize.
+means finding where the text now being read appeared before and reading on from there: the
+skill every retrieval prompt asks for, taught on the corpus's own text, at every distance the
+block allows, with nothing to memorize.
 
 ``random_spans`` is the same with each source, after its first 2-6 tokens (a cue kept from the
 document), overwritten by random tokens (none of the tokenizer's special tokens); the copy
