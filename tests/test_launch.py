@@ -9,6 +9,7 @@ on flashlm's kernel under the Triton interpreter, a few seconds.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,8 +97,6 @@ def test_fsdp2_with_context_parallel_allgather_tracks_one_process(recipe):
     assert_same_curve(one_eval, both_eval)
     # The sharded checkpoint exports, in this one process without a process group, to the same
     # Hugging Face model as the one-process run's checkpoint (logits through transformers).
-    import shutil
-
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -28,7 +28,8 @@ folder or glob; or a hub dataset name with ``format="hub"``), ``tokenizer`` (tok
 (streaming only, in blocks), ``cache_dir`` (None turns the token cache off), ``seed``,
 ``num_proc``, ``hub_config``, ``hub_split``, ``min_doc_tokens`` (training documents shorter than
 this are left out: long-context stages), ``retrieval_share`` (the share of training blocks given
-a synthetic long-range retrieval: ``flashlm.data.retrieval``). ``kind="sft"`` reads instruction examples
+a synthetic long-range retrieval: ``flashlm.data.retrieval``), ``retrieval_kind`` (its form) and
+``retrieval_max_spans`` (span copies a planted block gets at most). ``kind="sft"`` reads instruction examples
 instead of documents (``flashlm.data.chat``, with its own ``truncation`` and ``chat_template``).
 
 Batches and their keys: ``flashlm.data.packing``.
