@@ -84,13 +84,23 @@ class DataConfig:
     # The share of training blocks given a synthetic long-range retrieval (flashlm.data.retrieval):
     # facts at random depths in a document and a question about one of them at its end
     # (retrieval_kind: facts), or copies of random spans of it later in it (retrieval_kind: spans;
-    # random_spans: past a 2-6-token cue, the sources filled with random tokens; the ladder's choice).
+    # random_spans: past a cue of the document's tokens, the sources filled with random tokens; the
+    # ladder's choice).
     retrieval_share: float = 0.0
     retrieval_kind: Literal["facts", "spans", "random_spans"] = "facts"
     # spans, random_spans: each planted block gets 1 to this many copies (uniformly). A long
     # block with few copies gives little practice at long distances: 128K tokens and 4 copies
     # is one copy per 32K tokens, where a 4K block gets one per 1.6K.
     retrieval_max_spans: int = 4
+    # random_spans: a cue is this many of the document's tokens (a [min, max] range, drawn per
+    # span) kept before a source's random tokens; the copy's first random token is predictable
+    # only by finding the cue's earlier occurrence, so a cue that is not unique in the block
+    # teaches nothing there.
+    retrieval_cue_tokens: tuple[int, int] = (2, 6)
+    # random_spans: each cue is the shortest length in that range whose tokens occur nowhere
+    # else in the block before the copy (in code, 2-6 tokens often recur), instead of a length
+    # drawn from it.
+    retrieval_unique_cue: bool = False
 
     def __post_init__(self):
         _check(bool(self.path), "data.path", self.path, "must name a file, folder, glob or hub dataset")
@@ -118,6 +128,9 @@ class DataConfig:
         spans = self.retrieval_max_spans
         _check(isinstance(spans, int) and not isinstance(spans, bool) and spans >= 1, "data.retrieval_max_spans",
                spans, "must be a whole number >= 1")
+        cue = self.retrieval_cue_tokens
+        _check(len(cue) == 2 and 1 <= cue[0] <= cue[1] <= 12, "data.retrieval_cue_tokens", list(cue),
+               "must be [min, max] with 1 <= min <= max <= 12 (a span is at least 16 tokens, 4 of them random)")
         if self.kind == "text":
             _check(not self.truncation, "data.truncation", self.truncation, "applies to kind: sft only")
             _check(self.chat_template is None, "data.chat_template", self.chat_template, "applies to kind: sft only")

@@ -26,7 +26,7 @@ from flashlm.data import (
 )
 from flashlm.data.loader import EvalLoader, TrainLoader
 from flashlm.data.packing import PackedSplit, pack
-from flashlm.data.retrieval import SPAN_TOKENS, _copy_spans, longest_segment
+from flashlm.data.retrieval import SPAN_TOKENS, _copy_spans, _unique_cue_length, longest_segment, plant_retrieval
 from flashlm.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -404,24 +404,92 @@ def test_retrieval_max_spans_reaches_the_blocks_through_the_recipe(tok, tmp_path
     assert changed[8] > 2 * changed[1] > 0, changed
 
 
-def test_random_spans_repeat_a_cue_and_a_random_sequence():
-    """random_spans: each source keeps its first 2-6 tokens of the document (the cue) and is
-    random tokens from the pool after them; its copy, later, repeats cue and random tokens.
-    So every random token has a twin with the same two tokens before it, every other changed
+@pytest.mark.parametrize("cue_tokens", [(2, 6), (8, 12)])
+def test_random_spans_repeat_a_cue_and_a_random_sequence(cue_tokens):
+    """random_spans: each source keeps its first ``cue_tokens`` (a range) tokens of the document
+    (the cue) and is random tokens from the pool after them; its copy, later, repeats cue and
+    random tokens. So every random run has one twin, and the tokens before the later twin
+    repeat the earlier twin's intact document tokens for a cue's length; every other changed
     token is a copy of an intact, earlier document token, and the rest is untouched."""
     rng = np.random.default_rng(1)
     pool = np.arange(5000, 5100)
+    cues = []
     for trial in range(100):
         block = np.arange(1000)
-        assert _copy_spans(block, 10, 990, rng, pool)
+        assert _copy_spans(block, 10, 990, rng, pool, cue_tokens=cue_tokens)
         random_at = np.flatnonzero(block >= 5000)
-        assert len(random_at) and len(random_at) % 2 == 0
-        for p in random_at:
-            twins = [q for q in random_at if q != p and np.array_equal(block[q - 2:q + 1], block[p - 2:p + 1])]
-            assert len(twins) == 1, (trial, p)
+        runs = np.split(random_at, np.flatnonzero(np.diff(random_at) > 1) + 1)
+        assert len(runs) and len(runs) % 2 == 0
+        for run in runs:
+            twins = [r for r in runs if r[0] != run[0] and np.array_equal(block[r], block[run])]
+            assert len(twins) == 1, (trial, run[0])
+            source, copy = min(run[0], twins[0][0]), max(run[0], twins[0][0])
+            if copy != run[0]:
+                continue
+            cue = 0
+            while block[source - cue - 1] == source - cue - 1 and block[copy - cue - 1] == source - cue - 1:
+                cue += 1
+            cues.append(cue)
         copied = np.flatnonzero((block < 5000) & (block != np.arange(1000)))
         assert np.all(block[copied] < copied) and np.all(block[block[copied]] == block[copied])
-        assert len(copied) >= 2  # every copy repeats a cue of two tokens at least
+    assert min(cues) == cue_tokens[0] and max(cues) == cue_tokens[1], sorted(set(cues))
+
+
+def test_retrieval_cue_tokens_is_checked_and_reaches_the_blocks(tok, tmp_path):
+    """data.retrieval_cue_tokens: a range that leaves every span random tokens, named in the
+    error otherwise; a longer cue through prepare_data leaves fewer tokens random."""
+    for bad in ([0, 4], [6, 2], [4, 13], [3]):
+        with pytest.raises(RecipeError, match=r"data.retrieval_cue_tokens=\[.*\] is invalid"):
+            DataConfig(path="x", tokenizer="y", retrieval_cue_tokens=bad)
+    with pytest.raises(ValueError, match=r"retrieval cue tokens \(4, 14\) must be"):
+        plant_retrieval(np.arange(1000)[None], np.zeros((1, 1000), bool), tok, 1.0, 0, "random_spans",
+                        cue_tokens=(4, 14))
+    path = write_jsonl(tmp_path / "c.jsonl", make_docs(seed=4, n=60, max_words=400))
+    plain = prepare_data(config(path, tmp_path, eval_docs=5), tok, seq_len=512)
+    changed = {}
+    for cue in ((2, 2), (12, 12)):
+        mixed = prepare_data(config(path, tmp_path, eval_docs=5, retrieval_share=1.0, retrieval_kind="random_spans",
+                                    retrieval_cue_tokens=cue), tok, seq_len=512)
+        changed[cue] = int((mixed.train.blocks != plain.train.blocks).sum())
+    assert 0 < changed[(12, 12)] < changed[(2, 2)], changed
+
+
+def test_unique_cue_is_the_shortest_that_points_at_one_place():
+    """retrieval_unique_cue: the cue length is the smallest k in [shortest, longest] whose k
+    tokens from the source occur in block[lo:dst] at the source only (longest when none is),
+    checked against a search over every window, on text of few distinct tokens where short
+    cues recur."""
+    rng = np.random.default_rng(3)
+    lengths = set()
+    for trial in range(300):
+        block = rng.integers(0, 3, 400)
+        lo = int(rng.integers(0, 20))
+        src = int(rng.integers(lo, 200))
+        dst = int(rng.integers(src + 20, 400))
+        shortest, longest = sorted(int(x) for x in rng.integers(1, 13, 2))
+
+        def unique(k):
+            windows = np.lib.stride_tricks.sliding_window_view(block[lo:dst], k)
+            return int((windows == block[src:src + k]).all(1).sum()) == 1
+
+        expected = next((k for k in range(shortest, longest + 1) if unique(k)), longest)
+        got = _unique_cue_length(block, lo, src, dst, shortest, longest)
+        assert got == expected, (trial, got, expected)
+        lengths.add(got)
+    assert len(lengths) > 5
+
+
+def test_unique_cues_plant_through_the_recipe(tok, tmp_path):
+    """retrieval_unique_cue reaches the planting through prepare_data: the same seed plants
+    other cues than the drawn ones (the cue rule itself is tested above)."""
+    path = write_jsonl(tmp_path / "c.jsonl", make_docs(seed=4, n=60, max_words=400))
+    blocks = {}
+    for unique in (False, True):
+        data = prepare_data(config(path, tmp_path, eval_docs=5, retrieval_share=1.0, retrieval_kind="random_spans",
+                                   retrieval_unique_cue=unique), tok, seq_len=512)
+        assert data.train.retrieval_blocks > 0
+        blocks[unique] = data.train.blocks
+    assert not np.array_equal(blocks[False], blocks[True])
 
 
 def test_retrieval_kinds_plant_through_the_recipe(tok, tmp_path):

@@ -29,7 +29,8 @@ folder or glob; or a hub dataset name with ``format="hub"``), ``tokenizer`` (tok
 ``num_proc``, ``hub_config``, ``hub_split``, ``min_doc_tokens`` (training documents shorter than
 this are left out: long-context stages), ``retrieval_share`` (the share of training blocks given
 a synthetic long-range retrieval: ``flashlm.data.retrieval``), ``retrieval_kind`` (its form) and
-``retrieval_max_spans`` (span copies a planted block gets at most). ``kind="sft"`` reads instruction examples
+``retrieval_max_spans`` (span copies a planted block gets at most), ``retrieval_cue_tokens`` and
+``retrieval_unique_cue`` (random_spans: a cue's length). ``kind="sft"`` reads instruction examples
 instead of documents (``flashlm.data.chat``, with its own ``truncation`` and ``chat_template``).
 
 Batches and their keys: ``flashlm.data.packing``.

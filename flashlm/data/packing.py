@@ -218,7 +218,8 @@ def prepare_data(cfg: DataConfig, tokenizer, seq_len: int):
         train_order = train_order[np.diff(docs.offsets)[train_order] >= cfg.min_doc_tokens]
     train = pack(docs, train_order, seq_len)
     train.retrieval_blocks = plant_retrieval(train.blocks, train.starts, tokenizer, cfg.retrieval_share, cfg.seed,
-                                            cfg.retrieval_kind, cfg.retrieval_max_spans)
+                                            cfg.retrieval_kind, cfg.retrieval_max_spans, cfg.retrieval_cue_tokens,
+                                            cfg.retrieval_unique_cue)
     if len(train) == 0:
         long_only = f" in documents of at least min_doc_tokens={cfg.min_doc_tokens}" if cfg.min_doc_tokens else ""
         raise DataError(f"path={cfg.path!r}: the training split holds {train.n_tokens} tokens{long_only}, "

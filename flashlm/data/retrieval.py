@@ -27,7 +27,9 @@ skill every retrieval prompt asks for, taught on the corpus's own text, at every
 block allows, with nothing to memorize.
 
 ``random_spans`` is the same with each source, after its first 2-6 tokens (a cue kept from the
-document), overwritten by random tokens (none of the tokenizer's special tokens); the copy
+document; ``data.retrieval_cue_tokens`` sets the range, and ``data.retrieval_unique_cue``
+makes each cue the shortest in the range that occurs nowhere else in the text before its copy),
+overwritten by random tokens (none of the tokenizer's special tokens); the copy
 repeats cue and random tokens. A copy's first random token can be predicted only by matching the
 cue, ordinary tokens that also occur elsewhere (as "The pass key is" before a key), and the rest
 only by reading the source: the induction task. At 1/16 scale it was the only mix that gave
@@ -50,7 +52,8 @@ MAX_FACTS = 4
 KINDS = ("facts", "spans", "random_spans")
 SPAN_TOKENS = (16, 48)  # a copied span's length, inclusive
 MAX_SPANS = 4  # the default of data.retrieval_max_spans
-CUE_TOKENS = (2, 6)  # random_spans: a source's first tokens kept from the document, inclusive
+CUE_TOKENS = (2, 6)  # random_spans: a source's first tokens kept from the document, inclusive (the default)
+MIN_RANDOM_TOKENS = 4  # random_spans: the fewest random tokens a source keeps after its cue
 _NAME_CHARS = string.ascii_lowercase + string.digits
 
 
@@ -86,13 +89,16 @@ def _fact_texts(rng: np.random.Generator, n_facts: int) -> tuple[list[str], str]
 
 
 def plant_retrieval(blocks: np.ndarray, starts: np.ndarray, tokenizer, share: float, seed: int,
-                    kind: str = "facts", max_spans: int = MAX_SPANS) -> int:
+                    kind: str = "facts", max_spans: int = MAX_SPANS, cue_tokens: tuple[int, int] = CUE_TOKENS,
+                    unique_cue: bool = False) -> int:
     """Plant facts and a question, or span copies (``kind``, see the module docstring; 1 to
-    ``max_spans`` copies a block), in ``round(share * len(blocks))`` seeded blocks, in place.
+    ``max_spans`` copies a block; ``cue_tokens`` and ``unique_cue``: a random_spans cue's length,
+    see ``_copy_spans``), in ``round(share * len(blocks))`` seeded blocks, in place.
     Returns the number of blocks planted; a block whose longest segment cannot hold them with
     room to spare is skipped."""
     if kind not in KINDS:
         raise ValueError(f"retrieval kind {kind!r} must be one of {KINDS}")
+    check_cue_tokens(cue_tokens)
     if share <= 0 or len(blocks) == 0:
         return 0
     rng = np.random.default_rng([seed, 7])
@@ -102,7 +108,7 @@ def plant_retrieval(blocks: np.ndarray, starts: np.ndarray, tokenizer, share: fl
         if kind == "random_spans":
             special = set(tokenizer.all_special_ids)
             pool = np.asarray([i for i in range(len(tokenizer)) if i not in special], dtype=blocks.dtype)
-        return sum(_copy_spans(blocks[row], *longest_segment(starts[row]), rng, pool, max_spans)
+        return sum(_copy_spans(blocks[row], *longest_segment(starts[row]), rng, pool, max_spans, cue_tokens, unique_cue)
                    for row in np.sort(chosen))
 
     def encode(text):
@@ -125,11 +131,14 @@ def plant_retrieval(blocks: np.ndarray, starts: np.ndarray, tokenizer, share: fl
 
 
 def _copy_spans(block: np.ndarray, lo: int, hi: int, rng: np.random.Generator, pool: np.ndarray | None = None,
-                max_spans: int = MAX_SPANS) -> bool:
+                max_spans: int = MAX_SPANS, cue_tokens: tuple[int, int] = CUE_TOKENS, unique_cue: bool = False) -> bool:
     """Copy 1 to ``max_spans`` random spans of ``block[lo:hi]`` each to a random later place in
     it, in place; sources and copies never overlap, so every copy equals its source afterwards.
-    With ``pool``, each source is first filled with tokens drawn from it. False (nothing
-    changed) when the segment is shorter than four times a span."""
+    With ``pool``, each source is first filled with tokens drawn from it past its first
+    ``cue_tokens`` (a range) tokens: a length drawn from the range, or with ``unique_cue`` the
+    shortest in it whose tokens occur nowhere else in the segment before the copy
+    (``_unique_cue_length``). False (nothing changed) when the segment is shorter than four
+    times a span."""
     length = int(rng.integers(SPAN_TOKENS[0], SPAN_TOKENS[1] + 1))
     n = min(int(rng.integers(1, max_spans + 1)), (hi - lo) // (4 * length))
     if n == 0:
@@ -139,10 +148,40 @@ def _copy_spans(block: np.ndarray, lo: int, hi: int, rng: np.random.Generator, p
     for a, b in pairs:
         src, dst = lo + places[min(a, b)], lo + places[max(a, b)]
         if pool is not None:  # the first few tokens stay the document's own: a cue, as in a prompt
-            cue = int(rng.integers(CUE_TOKENS[0], CUE_TOKENS[1] + 1))
+            if unique_cue:
+                cue = _unique_cue_length(block, lo, src, dst, *cue_tokens)
+            else:
+                cue = int(rng.integers(cue_tokens[0], cue_tokens[1] + 1))
             block[src + cue:src + length] = rng.choice(pool, length - cue)
         block[dst:dst + length] = block[src:src + length]
     return True
+
+
+def _unique_cue_length(block: np.ndarray, lo: int, src: int, dst: int, shortest: int, longest: int) -> int:
+    """The fewest tokens from ``src`` on, at least ``shortest``, that occur in ``block[lo:dst]``
+    only at ``src``: a cue that points at one place, as "The pass key is" does in a passkey
+    prompt. ``longest`` when none up to it is unique (repeated code can be)."""
+    starts = lo + np.flatnonzero(block[lo:dst] == block[src])  # where the cue's first token occurs
+    for k in range(1, longest + 1):
+        if k > 1:
+            starts = starts[starts + k <= dst]
+            starts = starts[block[starts + k - 1] == block[src + k - 1]]
+        if k >= shortest and len(starts) == 1:
+            return k
+    return longest
+
+
+def check_cue_tokens(cue_tokens) -> None:
+    """Raise ValueError unless ``cue_tokens`` is a (min, max) range of cue lengths that leaves
+    every span at least ``MIN_RANDOM_TOKENS`` random tokens."""
+    most = SPAN_TOKENS[0] - MIN_RANDOM_TOKENS
+    ok = (isinstance(cue_tokens, (tuple, list)) and len(cue_tokens) == 2
+          and all(isinstance(n, int) and not isinstance(n, bool) for n in cue_tokens)
+          and 1 <= cue_tokens[0] <= cue_tokens[1] <= most)
+    if not ok:
+        raise ValueError(f"retrieval cue tokens {cue_tokens!r} must be two whole numbers [min, max] with "
+                         f"1 <= min <= max <= {most} (a span is at least {SPAN_TOKENS[0]} tokens, "
+                         f"{MIN_RANDOM_TOKENS} of them random)")
 
 
 def _spread(rng: np.random.Generator, room: int, lengths: list[int]) -> list[int]:
