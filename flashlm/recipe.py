@@ -128,9 +128,10 @@ class DataConfig:
         spans = self.retrieval_max_spans
         _check(isinstance(spans, int) and not isinstance(spans, bool) and spans >= 1, "data.retrieval_max_spans",
                spans, "must be a whole number >= 1")
-        cue = self.retrieval_cue_tokens
-        _check(len(cue) == 2 and 1 <= cue[0] <= cue[1] <= 12, "data.retrieval_cue_tokens", list(cue),
-               "must be [min, max] with 1 <= min <= max <= 12 (a span is at least 16 tokens, 4 of them random)")
+        from flashlm.data.retrieval import cue_tokens_problem  # here: flashlm.data imports this module
+
+        problem = cue_tokens_problem(self.retrieval_cue_tokens)
+        _check(problem is None, "data.retrieval_cue_tokens", list(self.retrieval_cue_tokens), problem)
         if self.kind == "text":
             _check(not self.truncation, "data.truncation", self.truncation, "applies to kind: sft only")
             _check(self.chat_template is None, "data.chat_template", self.chat_template, "applies to kind: sft only")

@@ -171,17 +171,22 @@ def _unique_cue_length(block: np.ndarray, lo: int, src: int, dst: int, shortest:
     return longest
 
 
-def check_cue_tokens(cue_tokens) -> None:
-    """Raise ValueError unless ``cue_tokens`` is a (min, max) range of cue lengths that leaves
-    every span at least ``MIN_RANDOM_TOKENS`` random tokens."""
+def cue_tokens_problem(cue_tokens) -> str | None:
+    """What is wrong with ``cue_tokens`` as a (min, max) range of cue lengths, None if nothing:
+    it must leave every span at least ``MIN_RANDOM_TOKENS`` random tokens."""
     most = SPAN_TOKENS[0] - MIN_RANDOM_TOKENS
     ok = (isinstance(cue_tokens, (tuple, list)) and len(cue_tokens) == 2
           and all(isinstance(n, int) and not isinstance(n, bool) for n in cue_tokens)
           and 1 <= cue_tokens[0] <= cue_tokens[1] <= most)
-    if not ok:
-        raise ValueError(f"retrieval cue tokens {cue_tokens!r} must be two whole numbers [min, max] with "
-                         f"1 <= min <= max <= {most} (a span is at least {SPAN_TOKENS[0]} tokens, "
-                         f"{MIN_RANDOM_TOKENS} of them random)")
+    return None if ok else (f"must be two whole numbers [min, max] with 1 <= min <= max <= {most} (a span is "
+                            f"at least {SPAN_TOKENS[0]} tokens, {MIN_RANDOM_TOKENS} of them random)")
+
+
+def check_cue_tokens(cue_tokens) -> None:
+    """Raise ValueError when ``cue_tokens_problem`` finds something wrong with ``cue_tokens``."""
+    problem = cue_tokens_problem(cue_tokens)
+    if problem:
+        raise ValueError(f"retrieval cue tokens {cue_tokens!r} {problem}")
 
 
 def _spread(rng: np.random.Generator, room: int, lengths: list[int]) -> list[int]:
