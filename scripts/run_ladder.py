@@ -200,7 +200,7 @@ def eval_arguments(stage, args):
         argv += ["--data", str(Path(args.corpus) / "eval.jsonl")]
     if args.tiny:
         argv += ["--device", "cpu", "--windows", "1", "--first-bucket", "16", "--depths", "2", "--trials", "2",
-                 "--multikey-keys", "2", "--multikey-trials", "2"]
+                 "--multikey-keys", "2", "--multikey-trials", "2", "--copy-trials", "1"]
     return argv + shlex.split(args.eval_args)
 
 
@@ -303,7 +303,7 @@ def stage_row(stage, args):
         row["eval_seconds"] = lc["seconds"]
         row["rope_theta"] = lc["after"]["rope_theta"]
         for role in ("after", "before"):
-            keys = ("model", "rope_theta", "loss_by_position", "passkey", "multikey", "in_format")
+            keys = ("model", "rope_theta", "loss_by_position", "passkey", "copy", "multikey", "in_format")
             row[role] = lc[role] and {k: lc[role][k] for k in keys if k in lc[role]}
     return row
 
@@ -371,6 +371,14 @@ def markdown(ladder):
                   "|---|" + "---|" * len(last["depths"])]
         for n in last["lengths"]:
             lines.append(f"| {n} | " + " | ".join(f"{a:.0%}" for a in last["accuracy"][str(n)]) + " |")
+        copy = evaluated[-1]["after"].get("copy")
+        if copy:
+            lines += ["", f"Copy accuracy (the training task in held-out text, `--copy-trials`) by depth after the "
+                      f"{evaluated[-1]['stage']} stage ({copy['trials']} trials a cell):", "",
+                      "| length | " + " | ".join(f"{d:.2f}" for d in copy["depths"]) + " |",
+                      "|---|" + "---|" * len(copy["depths"])]
+            for n in copy["lengths"]:
+                lines.append(f"| {n} | " + " | ".join(f"{a:.0%}" for a in copy["accuracy"][str(n)]) + " |")
     corpus = ladder.get("corpus")
     if corpus:
         unit = corpus["unit"]

@@ -26,7 +26,7 @@ from flashlm.data import (
 )
 from flashlm.data.loader import EvalLoader, TrainLoader
 from flashlm.data.packing import PackedSplit, pack
-from flashlm.data.retrieval import SPAN_TOKENS, _copy_spans, _unique_cue_length, longest_segment, plant_retrieval
+from flashlm.data.retrieval import SPAN_TOKENS, _copy_spans, longest_segment, plant_retrieval, unique_cue_length
 from flashlm.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -473,7 +473,7 @@ def test_unique_cue_is_the_shortest_that_points_at_one_place():
             return int((windows == block[src:src + k]).all(1).sum()) == 1
 
         expected = next((k for k in range(shortest, longest + 1) if unique(k)), longest)
-        got = _unique_cue_length(block, lo, src, dst, shortest, longest)
+        got = unique_cue_length(block, lo, src, dst, shortest, longest)
         assert got == expected, (trial, got, expected)
         lengths.add(got)
     assert len(lengths) > 5

@@ -148,6 +148,31 @@ def test_retrieval_prompt_layouts():
     assert len(ids) == 700 and len(facts) == 3 and (name, value) in facts
     assert tokenizer.decode(answer) == f'{value}"\n' and text.index(f"_fact_{name}") < len(text) // 2
 
+    # The training task in held-out text: a unique cue of the text's own tokens and random tokens
+    # at the depth, and at the end the cue again, whose continuation is the answer.
+    from flashlm.data.retrieval import random_token_pool
+
+    pool = random_token_pool(tokenizer)
+    special = set(tokenizer.all_special_ids)
+
+    def occurrences(ids, run, end):
+        return [i for i in range(end - len(run) + 1) if ids[i:i + len(run)] == run]
+
+    # A haystack of four tokens, where short runs recur: the cue must grow until it is unique.
+    low = ev.Haystack([torch.randint(100, 104, (3000,), generator=torch.Generator().manual_seed(0))], eos)
+    for depth, stack in [(d, h) for d in (0.0, 0.5, 1.0) for h in (haystack, low)]:
+        ids, start, answer = ev.copy_prompt(tokenizer, stack, random.Random(4), 600, depth, pool)
+        ids = ids.tolist()
+        assert len(ids) == 600 and ids[start:] == answer and len(answer) == ev.COPY_TOKENS
+        assert not special & set(answer) and eos not in ids
+        sources = occurrences(ids, answer, start)
+        assert len(sources) == 1 and abs(sources[0] / 600 - depth) < 0.1
+        src = sources[0]
+        # Some run of 4-16 tokens before the copy repeats the one before the source and occurs
+        # nowhere else before the copy: the cue points at one place.
+        assert any(ids[start - k:start] == ids[src - k:src] and occurrences(ids, ids[src - k:src], start - k) == [src - k]
+                   for k in range(ev.COPY_CUE_TOKENS[0], min(src, ev.COPY_CUE_TOKENS[1]) + 1))
+
     class Oracle(ev.Runner):
         """A 'model' whose hidden state at p is the one-hot of token p + shift: shift 1 always
         predicts the next token, so it answers every prompt; shift 0 repeats the current one."""
@@ -163,7 +188,8 @@ def test_retrieval_prompt_layouts():
     prompts = [ev.passkey_prompt(tokenizer, haystack, random.Random(t), 300, t / 4) for t in range(5)]
     prompts += [ev.multikey_prompt(tokenizer, haystack, random.Random(t), 300, 0.5, keys=3) for t in range(5)]
     prompts += [ev.in_format_prompt(tokenizer, haystack, random.Random(t), 300, 0.5, keys=2) for t in range(5)]
-    assert ev.score(Oracle(1), prompts, batch_tokens=900) == (15, 15)
+    prompts += [ev.copy_prompt(tokenizer, haystack, random.Random(t), 300, t / 4, pool) for t in range(5)]
+    assert ev.score(Oracle(1), prompts, batch_tokens=900) == (20, 20)
     assert ev.score(Oracle(0), prompts, batch_tokens=900)[0] == 0
 
 
@@ -174,7 +200,7 @@ def test_eval_reports_loss_passkey_grid_multikey_and_before(tiny_hf_model, tmp_p
             "--lengths", "128", "256", "--before-lengths", "256",
             "--data", str(ROOT / "data" / "corpus" / "austen_persuasion.jsonl"), "--cache-dir", str(tmp_path / "c"),
             "--windows", "2", "--first-bucket", "32", "--depths", "3", "--trials", "2", "--multikey-keys", "2",
-            "--multikey-trials", "2", "--device", "cpu", "--out", str(out)]
+            "--multikey-trials", "2", "--copy-trials", "2", "--device", "cpu", "--out", str(out)]
     report = ev.main(ev.parse_args(argv))
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     after, before = report["after"], report["before"]
@@ -187,11 +213,15 @@ def test_eval_reports_loss_passkey_grid_multikey_and_before(tiny_hf_model, tmp_p
     assert all(len(row) == 3 and all(0 <= a <= 1 for a in row) for row in grid["accuracy"].values())
     assert sorted(after["multikey"]["by_length"]) == ["128", "256"] and after["multikey"]["keys"] == 2
     assert sorted(after["in_format"]["by_length"]) == ["128", "256"] and after["in_format"]["trials"] == 2
+    copy = after["copy"]
+    assert copy["trials"] == 2 and copy["depths"] == grid["depths"] and sorted(copy["accuracy"]) == ["128", "256"]
+    assert all(0 <= t <= 1 for row in copy["answer_token_accuracy"].values() for t in row)
+    assert before["copy"]["accuracy"]["256"] == copy["accuracy"]["256"]
     # The same model "before": the same prompts and windows give the same numbers.
     assert before["passkey"]["lengths"] == [256] and before["loss_by_position"] == after["loss_by_position"]
     assert before["passkey"]["accuracy"]["256"] == grid["accuracy"]["256"]
     assert before["passkey"]["answer_token_accuracy"]["256"] == grid["answer_token_accuracy"]["256"]
-    assert "| 0-32 |" in out.with_suffix(".md").read_text()
+    assert "| 0-32 |" in out.with_suffix(".md").read_text() and "Copy accuracy" in out.with_suffix(".md").read_text()
     # Finished cells are kept: past its deadline the evaluation computes nothing new and stops at the
     # first cell it lacks; the cells it has make the same report.
     cells = json.loads(out.with_name(out.name + ".partial.json").read_text())["cells"]
@@ -229,7 +259,8 @@ def test_ladder_end_to_end_tiny(tmp_path):
     assert first["before"] is None and second["before"]["passkey"]["lengths"] == [512]
     assert second["after"]["passkey"]["lengths"] == [256, 512] and second["rope_theta"] == 1e6
     assert set(second["after"]["multikey"]["by_length"]) == {"256", "512"}
-    assert "| 8k | 512 |" in (results / "ladder.md").read_text()
+    assert set(second["after"]["copy"]["accuracy"]) == {"256", "512"}
+    assert "| 8k | 512 |" in (results / "ladder.md").read_text() and "Copy accuracy" in (results / "ladder.md").read_text()
     for png in ("needle_heatmap.png", "loss_by_position.png"):
         assert (results / png).stat().st_size > 0
     # Again: nothing is trained or evaluated twice.

@@ -104,10 +104,7 @@ def plant_retrieval(blocks: np.ndarray, starts: np.ndarray, tokenizer, share: fl
     rng = np.random.default_rng([seed, 7])
     chosen = rng.choice(len(blocks), size=round(share * len(blocks)), replace=False)
     if kind in ("spans", "random_spans"):
-        pool = None
-        if kind == "random_spans":
-            special = set(tokenizer.all_special_ids)
-            pool = np.asarray([i for i in range(len(tokenizer)) if i not in special], dtype=blocks.dtype)
+        pool = random_token_pool(tokenizer, blocks.dtype) if kind == "random_spans" else None
         return sum(_copy_spans(blocks[row], *longest_segment(starts[row]), rng, pool, max_spans, cue_tokens, unique_cue)
                    for row in np.sort(chosen))
 
@@ -130,6 +127,12 @@ def plant_retrieval(blocks: np.ndarray, starts: np.ndarray, tokenizer, share: fl
     return planted
 
 
+def random_token_pool(tokenizer, dtype=np.int64) -> np.ndarray:
+    """The ids a random span's tokens are drawn from: the whole vocabulary but the special tokens."""
+    special = set(tokenizer.all_special_ids)
+    return np.asarray([i for i in range(len(tokenizer)) if i not in special], dtype=dtype)
+
+
 def _copy_spans(block: np.ndarray, lo: int, hi: int, rng: np.random.Generator, pool: np.ndarray | None = None,
                 max_spans: int = MAX_SPANS, cue_tokens: tuple[int, int] = CUE_TOKENS, unique_cue: bool = False) -> bool:
     """Copy 1 to ``max_spans`` random spans of ``block[lo:hi]`` each to a random later place in
@@ -137,7 +140,7 @@ def _copy_spans(block: np.ndarray, lo: int, hi: int, rng: np.random.Generator, p
     With ``pool``, each source is first filled with tokens drawn from it past its first
     ``cue_tokens`` (a range) tokens: a length drawn from the range, or with ``unique_cue`` the
     shortest in it whose tokens occur nowhere else in the segment before the copy
-    (``_unique_cue_length``). False (nothing changed) when the segment is shorter than four
+    (``unique_cue_length``). False (nothing changed) when the segment is shorter than four
     times a span."""
     length = int(rng.integers(SPAN_TOKENS[0], SPAN_TOKENS[1] + 1))
     n = min(int(rng.integers(1, max_spans + 1)), (hi - lo) // (4 * length))
@@ -149,7 +152,7 @@ def _copy_spans(block: np.ndarray, lo: int, hi: int, rng: np.random.Generator, p
         src, dst = lo + places[min(a, b)], lo + places[max(a, b)]
         if pool is not None:  # the first few tokens stay the document's own: a cue, as in a prompt
             if unique_cue:
-                cue = _unique_cue_length(block, lo, src, dst, *cue_tokens)
+                cue = unique_cue_length(block, lo, src, dst, *cue_tokens)
             else:
                 cue = int(rng.integers(cue_tokens[0], cue_tokens[1] + 1))
             block[src + cue:src + length] = rng.choice(pool, length - cue)
@@ -157,7 +160,7 @@ def _copy_spans(block: np.ndarray, lo: int, hi: int, rng: np.random.Generator, p
     return True
 
 
-def _unique_cue_length(block: np.ndarray, lo: int, src: int, dst: int, shortest: int, longest: int) -> int:
+def unique_cue_length(block: np.ndarray, lo: int, src: int, dst: int, shortest: int, longest: int) -> int:
     """The fewest tokens from ``src`` on, at least ``shortest``, that occur in ``block[lo:dst]``
     only at ``src``: a cue that points at one place, as "The pass key is" does in a passkey
     prompt. ``longest`` when none up to it is unique (repeated code can be)."""

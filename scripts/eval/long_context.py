@@ -30,6 +30,16 @@ plants ``random_spans``) it is one more retrieval in a format training never saw
 
     <text> _fact_q7k2x = "3fa90c" <text> _fact_m0c4e = "b3f0a1" <text> _fact_q7k2x = "3fa90c"
 
+**Copy** (``--copy-trials`` per length and depth, 0 = off). The ladder's training task,
+``random_spans`` (``flashlm.data.retrieval``), in held-out text: at a depth, the text's own
+tokens (a cue, the shortest run of 4-16 tokens there that occurs nowhere else before the copy)
+followed by ``COPY_TOKENS`` random tokens; at the end the cue again, and the answer is the random
+tokens. In distribution for a model trained on that mix, so next to passkey it tells a model
+that cannot copy from that far from one whose copying does not carry over to the passkey's
+English prompt::
+
+    <text> def load(self, path): 2817 77 3904 ... <text> def load(self, path): -> 2817 77 3904 ...
+
 Every prompt is exactly the length of its cell. A trial is correct when the argmax at every
 answer position is the answer token: what greedy decoding would produce, without the decoding
 loop. Keys, values, names and haystack offsets come from a generator seeded by (``--seed``,
@@ -62,6 +72,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for provenance
@@ -84,6 +95,10 @@ MULTIKEY = {
 NAMES = ("amber", "birch", "cobalt", "dune", "ember", "falcon", "garnet", "harbor", "indigo", "juniper",
          "kestrel", "lagoon", "marble", "nectar", "onyx", "pepper", "quartz", "raven", "saffron", "tundra",
          "umber", "velvet", "willow", "yarrow", "zephyr", "acorn", "basalt", "cedar", "delta", "fjord")
+
+
+COPY_TOKENS = 8  # the copy task's answer: random tokens after the cue
+COPY_CUE_TOKENS = (4, 16)  # the copy task's cue length: the shortest unique run in this range
 
 
 class TimeLimit(Exception):
@@ -124,8 +139,6 @@ def run_recipe(path):
 
 def held_out_documents(args, tokenizer_path, tokenizer, recipe) -> list[torch.Tensor]:
     """The held-out documents, each an int64 token tensor ending in EOS, in corpus order."""
-    import numpy as np
-
     from flashlm.data import DataConfig, DataError
     from flashlm.data.documents import load_or_tokenize
     from flashlm.data.packing import split_documents
@@ -322,8 +335,6 @@ def multikey_prompt(tokenizer, haystack, rng, seq_len, depth, keys):
 def in_format_prompt(tokenizer, haystack, rng, seq_len, depth, keys):
     """The training mix's retrieval (`flashlm.data.retrieval`) in held-out text: ``keys`` facts,
     the one asked for at ``depth``, the question begun at the end."""
-    import numpy as np
-
     from flashlm.data.retrieval import ANSWER, FACT, QUESTION, fact_fields
 
     names, values = fact_fields(np.random.default_rng(rng.getrandbits(64)), keys)
@@ -332,6 +343,25 @@ def in_format_prompt(tokenizer, haystack, rng, seq_len, depth, keys):
     fmt = {"intro": "", "needle": FACT, "question": QUESTION, "answer": ANSWER}
     return retrieval_prompt(tokenizer, lambda n: haystack.take(rng, n), seq_len, fmt, needles,
                             {"name": names[0], "value": values[0]})
+
+
+def copy_prompt(tokenizer, haystack, rng, seq_len, depth, pool):
+    """(ids, answer start, answer): filler with, at ``depth``, a cue of its own tokens followed by
+    ``COPY_TOKENS`` tokens drawn from ``pool``; at the end the cue again, then those tokens."""
+    from flashlm.data.retrieval import unique_cue_length
+
+    head = tokenizer("", add_special_tokens=True)["input_ids"]  # the tokenizer's own start, as a document's
+    longest = COPY_CUE_TOKENS[1]
+    room = seq_len - len(head) - 2 * COPY_TOKENS  # the filler, the source's cue and the copy's
+    if room < 3 * longest:
+        raise SystemExit(f"a prompt of {seq_len} tokens is too short for the copy task")
+    answer = [int(pool[rng.randrange(len(pool))]) for _ in range(COPY_TOKENS)]
+    text = haystack.take(rng, room).tolist()
+    at = round(depth * (room - 2 * longest))
+    # Unique in the text the prompt keeps before the copy (that text ends at least `longest` early).
+    cue = unique_cue_length(np.asarray(text[:room - longest]), 0, at, room - longest, *COPY_CUE_TOKENS)
+    ids = head + text[:at + cue] + answer + text[at + cue:room - cue] + text[at:at + cue] + answer
+    return torch.tensor(ids, dtype=torch.int64), len(ids) - COPY_TOKENS, answer
 
 
 def score(runner, prompts, batch_tokens):
@@ -371,24 +401,36 @@ class Cells:
         return self.cells[name]
 
 
-def evaluate(role, runner, tokenizer, docs, haystack, lengths, cells, args):
-    """Loss by position at ``--seq-len`` and the retrieval grids at ``lengths`` for one model."""
-    report = {"loss_by_position": cells.get(f"{role}/loss", lambda: loss_by_position(runner, docs, args))}
+def depth_grid(role, task, runner, lengths, cells, args, trials, make):
+    """Accuracy by length and depth (``--depths``) of ``trials`` prompts a cell, each from
+    ``make(rng, length, depth)`` with a generator seeded by task, length, depth and trial."""
     grid, tokens = {}, {}
     for length in lengths:
         grid[str(length)], tokens[str(length)] = [], []
         for d, depth in enumerate(depths(args.depths)):
             def cell(length=length, d=d, depth=depth):
-                prompts = [passkey_prompt(tokenizer, haystack, random.Random(f"{args.seed}/passkey/{length}/{d}/{t}"),
-                                          length, depth) for t in range(args.trials)]
+                prompts = [make(random.Random(f"{args.seed}/{task}/{length}/{d}/{t}"), length, depth)
+                           for t in range(trials)]
                 correct, right = score(runner, prompts, args.batch_tokens)
-                return {"correct": correct, "answer_tokens": right, "trials": args.trials}
-            result = cells.get(f"{role}/passkey/{length}/{d}", cell)
+                return {"correct": correct, "answer_tokens": right, "trials": trials}
+            result = cells.get(f"{role}/{task}/{length}/{d}", cell)
             grid[str(length)].append(result["correct"] / result["trials"])
             tokens[str(length)].append(result["answer_tokens"] / result["trials"])
-    report["passkey"] = {"lengths": lengths, "depths": depths(args.depths), "trials": args.trials,
-                         "accuracy": grid, "answer_token_accuracy": tokens,
-                         "by_length": {k: sum(v) / len(v) for k, v in grid.items()}}
+    return {"lengths": lengths, "depths": depths(args.depths), "trials": trials, "accuracy": grid,
+            "answer_token_accuracy": tokens, "by_length": {k: sum(v) / len(v) for k, v in grid.items()}}
+
+
+def evaluate(role, runner, tokenizer, docs, haystack, lengths, cells, args):
+    """Loss by position at ``--seq-len`` and the retrieval grids at ``lengths`` for one model."""
+    from flashlm.data.retrieval import random_token_pool
+
+    report = {"loss_by_position": cells.get(f"{role}/loss", lambda: loss_by_position(runner, docs, args))}
+    report["passkey"] = depth_grid(role, "passkey", runner, lengths, cells, args, args.trials,
+                                   lambda rng, length, depth: passkey_prompt(tokenizer, haystack, rng, length, depth))
+    if args.copy_trials:
+        pool = random_token_pool(tokenizer)
+        report["copy"] = depth_grid(role, "copy", runner, lengths, cells, args, args.copy_trials,
+                                    lambda rng, length, depth: copy_prompt(tokenizer, haystack, rng, length, depth, pool))
     for task, make in (("multikey", multikey_prompt), ("in_format", in_format_prompt)):
         by_length = {}
         for length in lengths:
@@ -425,7 +467,7 @@ def main(args):
     out = Path(args.out) if args.out else Path(args.model) / "long_context.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("seq_len", "windows", "first_bucket", "depths", "trials",
-                                               "multikey_keys", "multikey_trials", "seed", "data")}
+                                               "copy_trials", "multikey_keys", "multikey_trials", "seed", "data")}
     models = {"after": args.model, "before": args.before}
     key = json.dumps({"models": {k: v and model_identity(v) for k, v in models.items()}, "lengths": lengths,
                       "before_lengths": before_lengths, "settings": settings, "autocast": use_autocast})
@@ -471,8 +513,8 @@ def percent(x):
 
 
 def summary(report):
-    """Markdown: loss by position, the passkey grid, multi-key and code-facts accuracy, before
-    and after."""
+    """Markdown: loss by position, the passkey grid, multi-key and code-facts accuracy, and the
+    copy grid when it was run, before and after."""
     roles = [r for r in ("before", "after") if report[r]]
     lines = [f"Long-context evaluation of {report['model']}"
              + (f" (before: {report['before_model']})" if report["before_model"] else "")
@@ -493,6 +535,15 @@ def summary(report):
             lines.append(f"| {length} | {row} | {percent(p['by_length'][str(length)])} | "
                          f"{percent(report[r]['multikey']['by_length'][str(length)])} | "
                          f"{percent(report[r]['in_format']['by_length'][str(length)])} |")
+        c = report[r].get("copy")
+        if c:
+            lines += ["", f"Copy accuracy (the training task), {r} ({c['trials']} trials a cell; answer tokens "
+                      "in parentheses):", "", "| length | " + " | ".join(f"{d:.2f}" for d in c["depths"]) + " | all |",
+                      "|---|" + "---|" * (len(c["depths"]) + 1)]
+            for length in c["lengths"]:
+                row = " | ".join(f"{percent(a)} ({percent(t)})" for a, t in
+                                 zip(c["accuracy"][str(length)], c["answer_token_accuracy"][str(length)]))
+                lines.append(f"| {length} | {row} | {percent(c['by_length'][str(length)])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -567,6 +618,8 @@ def parse_args(argv=None):
     p.add_argument("--first-bucket", type=int, default=256, help="end of the first position bucket")
     p.add_argument("--depths", type=int, default=10, help="needle depths, evenly spread over 0..1")
     p.add_argument("--trials", type=int, default=20, help="passkey trials per (length, depth)")
+    p.add_argument("--copy-trials", type=int, default=0,
+                   help="copy-task trials per (length, depth): the training task in held-out text (0: off)")
     p.add_argument("--multikey-keys", type=int, default=4, help="needles in a multi-key (and a code-facts) prompt")
     p.add_argument("--multikey-trials", type=int, default=20, help="multi-key (and code-facts) trials per length")
     p.add_argument("--batch-tokens", type=int, default=65536, help="tokens per forward pass for short prompts")
