@@ -160,8 +160,9 @@ def test_retrieval_prompt_layouts():
 
     # A haystack of four tokens, where short runs recur: the cue must grow until it is unique.
     low = ev.Haystack([torch.randint(100, 104, (3000,), generator=torch.Generator().manual_seed(0))], eos)
-    for depth, stack in [(d, h) for d in (0.0, 0.5, 1.0) for h in (haystack, low)]:
-        ids, start, answer = ev.copy_prompt(tokenizer, stack, random.Random(4), 600, depth, pool)
+    cases = [(d, h, 4) for d in (0.0, 0.5, 1.0) for h in (haystack, low)] + [(t / 9, low, t) for t in range(10)]
+    for depth, stack, seed in cases:
+        ids, start, answer = ev.copy_prompt(tokenizer, stack, random.Random(seed), 600, depth, pool)
         ids = ids.tolist()
         assert len(ids) == 600 and ids[start:] == answer and len(answer) == ev.COPY_TOKENS
         assert not special & set(answer) and eos not in ids

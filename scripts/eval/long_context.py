@@ -358,8 +358,8 @@ def copy_prompt(tokenizer, haystack, rng, seq_len, depth, pool):
     answer = [int(pool[rng.randrange(len(pool))]) for _ in range(COPY_TOKENS)]
     text = haystack.take(rng, room).tolist()
     at = round(depth * (room - 2 * longest))
-    # Unique in the text the prompt keeps before the copy (that text ends at least `longest` early).
-    cue = unique_cue_length(np.asarray(text[:room - longest]), 0, at, room - longest, *COPY_CUE_TOKENS)
+    # Unique in the text before the copy: the prompt keeps text[:room - cue], within the text searched.
+    cue = unique_cue_length(np.asarray(text), 0, at, room - COPY_CUE_TOKENS[0], *COPY_CUE_TOKENS)
     ids = head + text[:at + cue] + answer + text[at + cue:room - cue] + text[at:at + cue] + answer
     return torch.tensor(ids, dtype=torch.int64), len(ids) - COPY_TOKENS, answer
 
@@ -634,6 +634,8 @@ def parse_args(argv=None):
     args.deadline = None  # run_ladder sets a monotonic deadline shared with its training stages
     if args.cache_dir == "none":
         args.cache_dir = None
+    if args.copy_trials < 0:
+        p.error(f"--copy-trials={args.copy_trials}: must be 0 (off) or more")
     if args.multikey_keys > len(NAMES) or args.multikey_keys < 1:
         p.error(f"--multikey-keys={args.multikey_keys}: must be in [1, {len(NAMES)}]")
     return args
