@@ -5,7 +5,9 @@ before the copy. Run from the repository root after scripts/run_ladder.py built 
 
     PYTHONSAFEPATH=1 .venv/bin/python results/ladder/experiments/cue_uniqueness.py
 """
-import json, sys, numpy as np
+import json
+
+import numpy as np
 from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained(".cache/code_corpus/tokenizer")
 docs = []
@@ -16,7 +18,6 @@ for line in open(".cache/code_corpus/train.jsonl"):
     if len(docs) >= 6: break
 print("docs", [len(d) for d in docs])
 rng = np.random.default_rng(0)
-P = np.int64(1_000_003)
 for L in (256, 4096, 32768, 131072):
     res = {k: [] for k in (2, 4, 6, 8, 12)}
     for trial in range(300):
